@@ -1,0 +1,430 @@
+"""The nanochat GPT, all three generations, as pure JAX functions over a params pytree.
+
+Owns: `GPTConfig` (nanochat's GPTConfig fields plus the generation and the compute dtype),
+the parameter table (names, shapes and saved dtypes of nanochat's state dict), init, the
+full-sequence forward used for training, and the KV-cache prefill/decode used by the sampler.
+
+Params are a nested dict made by splitting nanochat's state-dict keys on "." (so
+`transformer.h.0.attn.c_q.weight` lives at `params["transformer"]["h"]["0"]["attn"]["c_q"]["weight"]`),
+with PyTorch's `(out_features, in_features)` layout kept: the converter is a rename table with
+no transposes, and Muon sees the same (rows, cols) as nanochat.
+
+Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
+K kv heads, Dh head dim, V vocab, L layers.
+
+Test: `pytest tests/test_model.py` (golden logits of every generation from ../shared/fixtures).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
+RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default eps for fp32 and bf16 inputs
+SOFTCAP = 15.0
+SMEAR_CHANNELS = 24
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """nanochat's GPTConfig fields plus which generation's forward to run and in which dtype."""
+
+    sequence_len: int = 256
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    window_pattern: str = "L"  # over {S, L}; gen-2025-10 has no windows and ignores it
+    generation: str = "gen-2026-07"
+    compute_dtype: str = "float32"  # "bfloat16" rounds where nanochat's CUDA path rounds
+
+    def __post_init__(self):
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"unknown generation {self.generation!r}; expected one of {', '.join(GENERATIONS)}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', found {self.compute_dtype!r}")
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model_config.{name} must be a positive int, found {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise ValueError(f"window_pattern must be a non-empty string over S/L, found {self.window_pattern!r}")
+
+    # -- derived quantities (SPEC §1.1) --
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        if self.generation == "gen-2025-10":
+            return self.vocab_size
+        return -(-self.vocab_size // 64) * 64
+
+    @property
+    def has_lambdas(self) -> bool:
+        return self.generation != "gen-2025-10"
+
+    @property
+    def has_smear(self) -> bool:
+        return self.generation == "gen-2026-07"
+
+    @property
+    def rotary_base(self) -> float:
+        return 100_000.0 if self.generation == "gen-2026-07" else 10_000.0
+
+    @property
+    def qk_scale(self) -> float:
+        return 1.2 if self.generation == "gen-2026-07" else 1.0
+
+    @property
+    def ve_gate(self) -> tuple[float, int]:
+        """(scale, channels) of the value-embedding gate."""
+        return (3.0, 12) if self.generation == "gen-2026-07" else (2.0, 32)
+
+    @property
+    def dtype(self):
+        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+
+    def has_ve(self, i: int) -> bool:
+        return self.has_lambdas and i % 2 == (self.n_layer - 1) % 2
+
+    def window_sizes(self) -> tuple[int | None, ...]:
+        """Left window per layer (query at p sees p-W..p); None = no window (gen-2025-10)."""
+        if self.generation == "gen-2025-10":
+            return (None,) * self.n_layer
+        s = self.sequence_len
+        short = s // 2 if self.generation == "gen-2026-01" else 128 * math.ceil(math.ceil(s / 4) / 128)
+        pattern = self.window_pattern.upper()
+        sizes = [s if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
+        sizes[-1] = s
+        return tuple(sizes)
+
+    def model_config(self) -> dict:
+        """The `model_config` dict nanochat writes in meta JSON for this generation."""
+        keys = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"]
+        if self.generation != "gen-2025-10":
+            keys.append("window_pattern")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "GPTConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter table
+
+
+def param_table(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
+    """(state-dict key, torch shape, dtype nanochat saves on GPU) in nanochat's state-dict order."""
+    C, hd, Vp, L = config.n_embd, config.head_dim, config.padded_vocab, config.n_layer
+    H, K = config.n_head, config.n_kv_head
+    rows: list[tuple[str, tuple[int, ...], str]] = []
+    if config.has_lambdas:
+        rows += [("resid_lambdas", (L,), "float32"), ("x0_lambdas", (L,), "float32")]
+    if config.has_smear:
+        rows += [("smear_lambda", (1,), "float32"), ("backout_lambda", (1,), "float32")]
+    rows.append(("transformer.wte.weight", (Vp, C), "bfloat16"))
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        rows += [
+            (p + "attn.c_q.weight", (H * hd, C), "float32"),
+            (p + "attn.c_k.weight", (K * hd, C), "float32"),
+            (p + "attn.c_v.weight", (K * hd, C), "float32"),
+            (p + "attn.c_proj.weight", (C, C), "float32"),
+        ]
+        if config.has_ve(i):
+            rows.append((p + "attn.ve_gate.weight", (K, config.ve_gate[1]), "float32"))
+        rows += [(p + "mlp.c_fc.weight", (4 * C, C), "float32"), (p + "mlp.c_proj.weight", (C, 4 * C), "float32")]
+    rows.append(("lm_head.weight", (Vp, C), "float32"))
+    if config.has_smear:
+        rows.append(("smear_gate.weight", (1, SMEAR_CHANNELS), "float32"))
+    for i in range(L):
+        if config.has_ve(i):
+            rows.append((f"value_embeds.{i}.weight", (Vp, K * hd), "bfloat16"))
+    return rows
+
+
+def unflatten_params(flat: dict[str, Any]) -> Params:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: Params = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten_params(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Inverse of `unflatten_params`: nested dict -> {"a.b.c": x}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """nanochat-like random init (float32 master weights), for benchmarks and the demo."""
+    C = config.n_embd
+    flat = {}
+    keys = jax.random.split(key, len(param_table(config)))
+    bound = math.sqrt(3.0) * C**-0.5
+    for k, (name, shape, _) in zip(keys, param_table(config)):
+        if name == "resid_lambdas":
+            value = jnp.ones(shape)
+        elif name == "x0_lambdas":
+            value = jnp.full(shape, 0.1)
+        elif name in ("smear_lambda", "smear_gate.weight") or name.endswith("ve_gate.weight"):
+            value = jnp.zeros(shape)
+        elif name == "backout_lambda":
+            value = jnp.full(shape, 0.2)
+        elif name == "transformer.wte.weight":
+            value = jax.random.normal(k, shape)
+        elif name == "lm_head.weight":
+            value = 0.001 * jax.random.normal(k, shape)
+        elif name.endswith("c_proj.weight"):
+            value = jnp.zeros(shape)
+        else:  # c_q, c_k, c_v, c_fc, value_embeds
+            value = jax.random.uniform(k, shape, minval=-bound, maxval=bound)
+        flat[name] = value.astype(jnp.float32)
+    return unflatten_params(flat)
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x):
+    """F.rms_norm without weight: fp32 math, result in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
+    return y.astype(x.dtype)
+
+
+def linear(x, w):
+    """y = x · wᵀ with w in torch layout (out, in), computed in x's dtype."""
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+
+
+def rotary(config: GPTConfig, positions):
+    """cos, sin of shape (B, T, 1, Dh/2) for integer positions (B, T), rounded as nanochat rounds."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rotary_base) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    table_dtype = config.dtype if config.generation == "gen-2026-07" else jnp.bfloat16
+    cos = jnp.cos(angle).astype(table_dtype)[:, :, None, :]
+    sin = jnp.sin(angle).astype(table_dtype)[:, :, None, :]
+    return cos, sin
+
+
+def apply_rotary(x, cos, sin):
+    """Half-split rotation by -θ (nanochat's sign): (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return jnp.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
+
+
+def attend(q, k, v, q_pos, k_pos, window: int | None):
+    """Grouped-query attention with a causal (and optional left-window) mask over absolute positions.
+
+    q (B,T,H,Dh), k/v (B,S,K,Dh), q_pos (B,T), k_pos (B,S) -> (B,T,H,Dh).
+    """
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B,T,S)
+    mask = delta >= 0
+    if window is not None:
+        mask = mask & (delta <= window)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(B, T, H, hd)
+
+
+class KVCache(NamedTuple):
+    """Decode state. Slot s of a row holds the key/value of that row's absolute position s."""
+
+    k: jax.Array  # (L, B, S, K, Dh)
+    v: jax.Array  # (L, B, S, K, Dh)
+    prev_emb: jax.Array  # (B, D) pre-smear embedding of the last token (gen-2026-07; zeros otherwise)
+
+
+def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
+    """Attention of layer i. Returns (out (B,T,D), (k, v) of this chunk, or the updated full cache)."""
+    B, T, _ = u.shape
+    H, K, hd = config.n_head, config.n_kv_head, config.head_dim
+    a = lp["attn"]
+    q = linear(u, a["c_q"]["weight"]).reshape(B, T, H, hd)
+    k = linear(u, a["c_k"]["weight"]).reshape(B, T, K, hd)
+    v = linear(u, a["c_v"]["weight"]).reshape(B, T, K, hd)
+    if config.has_ve(i):
+        scale, ch = config.ve_gate
+        ve = layer_kv["ve"][idx].astype(u.dtype).reshape(B, T, K, hd)
+        gate = scale * jax.nn.sigmoid(linear(u[..., :ch], a["ve_gate"]["weight"]))
+        v = v + gate[..., None] * ve
+    cos, sin = layer_kv["rope"]
+    q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+    if config.qk_scale != 1.0:
+        q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
+    if cache is None:
+        y = attend(q, k, v, positions, positions, window)
+    else:  # decode (T=1): write this token's k/v at its absolute position, attend over the cache
+        ck, cv = cache
+        rows = jnp.arange(B)
+        ck = ck.at[i, rows, positions[:, 0]].set(k[:, 0].astype(ck.dtype))
+        cv = cv.at[i, rows, positions[:, 0]].set(v[:, 0].astype(cv.dtype))
+        S = ck.shape[2]
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
+        y = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), positions, k_pos, window)
+        k, v = ck, cv
+    return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), (k, v)
+
+
+def _mlp(lp, u):
+    h = jax.nn.relu(linear(u, lp["mlp"]["c_fc"]["weight"]))
+    return linear(h * h, lp["mlp"]["c_proj"]["weight"])
+
+
+def _embed(config, params, idx, prev_emb):
+    """Normalised token embedding with smear (gen-2026-07). Returns (x, pre-smear e)."""
+    e = rms_norm(params["transformer"]["wte"]["weight"][idx].astype(config.dtype))
+    if not config.has_smear:
+        return e, e
+    lam = params["smear_lambda"].astype(e.dtype)[0]
+    gate_w = params["smear_gate"]["weight"]
+    gate = jax.nn.sigmoid(linear(e[..., :SMEAR_CHANNELS], gate_w))  # (B,T,1)
+    prev = jnp.concatenate([prev_emb[:, None, :].astype(e.dtype), e[:, :-1]], axis=1)
+    return e + lam * gate * prev, e
+
+
+def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | None = None, prev_emb=None):
+    """Embedding, blocks, backout and final norm.
+
+    idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
+    positions must then be 0..T-1. With a cache: k/v written at `positions` (T=1 decode).
+    `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
+    Returns x (B,T,D) after the final norm, per-layer (k, v) (with a cache: the updated (k, v)
+    of all layers), and the last pre-smear embedding (B,D).
+    """
+    B, T = idx.shape
+    if cache is not None:
+        cache = (cache.k, cache.v)
+    if prev_emb is None:  # smear for position 0 has nothing to read: a zero embedding is a no-op
+        prev_emb = jnp.zeros((B, config.n_embd), config.dtype)
+    x, e = _embed(config, params, idx, prev_emb)
+    x0 = x
+    rope = rotary(config, positions)
+    windows = config.window_sizes()
+    backout_at = config.n_layer // 2
+    xb, kvs = None, []
+    for i in range(config.n_layer):
+        lp = params["transformer"]["h"][str(i)]
+        if config.has_lambdas:
+            x = params["resid_lambdas"][i].astype(x.dtype) * x + params["x0_lambdas"][i].astype(x.dtype) * x0
+        extra = {"rope": rope}
+        if config.has_ve(i):
+            extra["ve"] = params["value_embeds"][str(i)]["weight"]
+        out, kv = _block_attn(config, lp, i, rms_norm(x), idx, positions, windows[i], cache, extra)
+        if cache is not None:
+            cache, kv = kv, None  # the whole (L,...) cache, updated in place
+        x = x + out
+        x = x + _mlp(lp, rms_norm(x))
+        kvs.append(kv)
+        if config.has_smear and i == backout_at:
+            xb = x
+    if config.has_smear:
+        x = x - params["backout_lambda"].astype(x.dtype)[0] * xb
+    return rms_norm(x), (kvs if cache is None else cache), e[:, -1]
+
+
+def logits_from_hidden(config: GPTConfig, params: Params, x):
+    """(…, D) -> float32 (…, V): lm_head, crop the padded vocab, softcap 15 (bf16 in gen-2025-10 bf16 mode)."""
+    logits = linear(x, params["lm_head"]["weight"])[..., : config.vocab_size]
+    if config.generation == "gen-2025-10":  # softcap in the compute dtype, then fp32 (SPEC §1.9)
+        return (SOFTCAP * jnp.tanh(logits / SOFTCAP)).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+def forward(config: GPTConfig, params: Params, idx) -> jax.Array:
+    """Full-sequence logits, float32 (B, T, V) after softcap and vocab crop."""
+    idx = jnp.asarray(idx, jnp.int32)
+    B, T = idx.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x, _, _ = trunk(config, params, idx, positions)
+    return logits_from_hidden(config, params, x)
+
+
+def token_nll(config: GPTConfig, params: Params, idx, targets) -> jax.Array:
+    """Per-token negative log-likelihood (B, T), float32, exactly 0 where targets == -1."""
+    logits = forward(config, params, idx)
+    return nll_from_logits(logits, targets)
+
+
+def nll_from_logits(logits, targets):
+    targets = jnp.asarray(targets, jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets >= 0, -picked, 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# KV-cache inference
+
+
+def prefill(config: GPTConfig, params: Params, idx, lengths, cache_len: int):
+    """Run right-padded prompts idx (B,T) with true lengths (B,) once; build a cache of length S.
+
+    Returns (logits at each row's last prompt token, float32 (B,V), KVCache with S = cache_len).
+    Slots at and past a row's length hold padding garbage; decode overwrites them before any
+    query can see them (a query at p only sees slots <= p).
+    """
+    B, T = idx.shape
+    assert cache_len >= T, f"cache_len {cache_len} < prompt bucket {T}"
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x, kvs, _ = trunk(config, params, idx, positions)
+    last = jnp.clip(lengths - 1, 0, T - 1)
+    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    pad = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
+    k = jnp.stack([jnp.pad(kv[0], pad) for kv in kvs])
+    v = jnp.stack([jnp.pad(kv[1], pad) for kv in kvs])
+    e = rms_norm(params["transformer"]["wte"]["weight"][jnp.take_along_axis(idx, last[:, None], 1)[:, 0]].astype(config.dtype))
+    return logits_from_hidden(config, params, x_last), KVCache(k, v, e)
+
+
+def decode_step(config: GPTConfig, params: Params, tokens, pos, cache: KVCache):
+    """One token per row: tokens (B,), absolute positions (B,). Returns (logits (B,V) f32, cache)."""
+    idx = tokens[:, None].astype(jnp.int32)
+    positions = pos[:, None].astype(jnp.int32)
+    x, (k, v), e = trunk(config, params, idx, positions, cache=cache, prev_emb=cache.prev_emb)
+    return logits_from_hidden(config, params, x[:, 0]), KVCache(k, v, e.astype(cache.prev_emb.dtype))
