@@ -1,0 +1,299 @@
+"""Rollouts: every completion of an RL step in one jitted call, calculator tool on the host.
+
+Owns the jitted prefill + `lax.while_loop` decode, top-k/temperature sampling with explicit keys,
+nanochat Engine's tool state machine (python blocks, forced `<|output_start|> … <|output_end|>`
+tokens with mask 0), and the host seam to `jaxrl.calculator`.
+
+How one call works (R = prompts × samples rows):
+1. Prompts are right-padded to a bucketed length and prefilled once (P rows); the KV cache and
+   last logits are then repeated for the samples of each prompt (no recomputation per sample).
+2. A `lax.while_loop` decodes one column per step for all rows and exits as soon as every row has
+   emitted `<|assistant_end|>`/`<|bos|>`, or after `max_new_tokens` columns (forced tokens count).
+3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
+   host is reached only on those steps; it decodes the expression, runs the calculator and returns
+   the tokens to force.
+Rows are independent, so the call is `shard_map`ped over the data axis; each row's keys derive from
+(seed, step, example, sample, column) only, so rollouts are identical on any device count.
+
+Test: `pytest tests/test_sampler.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl import model as gpt
+from jaxrl import sharding
+
+PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
+TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    assistant_end: int
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialIds":
+        get = tok.encode_special
+        return cls(get("<|bos|>"), get("<|assistant_end|>"), get("<|python_start|>"), get("<|python_end|>"),
+                   get("<|output_start|>"), get("<|output_end|>"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """Static knobs of one compiled rollout function."""
+
+    num_samples: int
+    max_new_tokens: int
+    top_k: int  # 0: full vocabulary (already clamped to the vocab size)
+    greedy: bool  # temperature == 0: argmax
+    shared_first_token: bool  # gen-2025-10 quirk: all samples of a prompt share the first token
+    queue_len: int  # most tokens one calculator result may force (incl. output_start/end)
+    specials: SpecialIds
+    pad_id: int  # written where a row has ended (nanochat pads with <|assistant_end|>)
+
+
+class Rollout(NamedTuple):
+    """Generated columns for R rows (prompt excluded); column j is the j-th generated token."""
+
+    tokens: jax.Array  # (R, M) int32; pad_id after the row's end
+    mask: jax.Array  # (R, M) int32; 1 sampled, 0 forced or past the end
+    logp: jax.Array  # (R, M) f32; log-prob under the model (T=1, full vocab), 0 where mask is 0
+    sample_logp: jax.Array  # (R, M) f32; log-prob under the sampling distribution (top-k, T)
+    length: jax.Array  # (R,) int32; tokens kept (terminal token excluded)
+
+
+class ToolBridge:
+    """Host side of the calculator seam: token ids in, forced token ids out. Hashed by identity."""
+
+    def __init__(self, tokenizer, calculator, queue_len: int):
+        self.tokenizer, self.calculator, self.queue_len = tokenizer, calculator, queue_len
+        self.specials = SpecialIds.from_tokenizer(tokenizer)
+        self.calls = 0  # expressions evaluated (for the tool-overhead benchmark)
+
+    def __call__(self, tokens, expr_start, n, need):
+        tokens, expr_start, need = np.asarray(tokens), np.asarray(expr_start), np.asarray(need)
+        n = int(n)
+        queue = np.zeros((tokens.shape[0], self.queue_len), np.int32)
+        qlen = np.zeros((tokens.shape[0],), np.int32)
+        for r in np.flatnonzero(need):
+            self.calls += 1
+            result = self.calculator(self.tokenizer.decode(tokens[r, expr_start[r]:n].tolist()))
+            if result is None:
+                continue
+            forced = [self.specials.output_start, *self.tokenizer.encode(str(result)), self.specials.output_end]
+            forced = forced[: self.queue_len]
+            queue[r, : len(forced)] = forced
+            qlen[r] = len(forced)
+        return queue, qlen
+
+
+def sample_tokens(logits, keys, temperature, spec: SampleSpec):
+    """nanochat's sample_next_token per row: argmax at T=0, else top-k then temperature.
+
+    logits (R,V) f32, keys (R,) typed keys. Returns (tokens (R,), logp under the model,
+    logp under the sampling distribution).
+    """
+    model_logp = jax.nn.log_softmax(logits, axis=-1)
+    if spec.greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        slogp = jnp.zeros(tok.shape, jnp.float32)
+    elif spec.top_k:
+        vals, idx = jax.lax.top_k(logits, spec.top_k)
+        scaled = vals / temperature
+        choice = jax.vmap(jax.random.categorical)(keys, scaled)
+        tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        slogp = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), choice[:, None], -1)[:, 0]
+    else:
+        scaled = logits / temperature
+        tok = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        slogp = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tok[:, None], -1)[:, 0]
+    return tok, jnp.take_along_axis(model_logp, tok[:, None], -1)[:, 0], slogp
+
+
+class _State(NamedTuple):
+    n: jax.Array  # () column being generated
+    out: Rollout
+    done: jax.Array  # (R,) bool
+    pos: jax.Array  # (R,) absolute position of the token fed next
+    logits: jax.Array  # (R, V)
+    cache: gpt.KVCache
+    in_py: jax.Array  # (R,) bool: inside a python block
+    expr_start: jax.Array  # (R,) first column of the current expression
+    queue: jax.Array  # (R, Q) forced tokens
+    qlen: jax.Array  # (R,)
+    qhead: jax.Array  # (R,)
+
+
+def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, s: _State) -> _State:
+    sp = spec.specials
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.n)
+    if spec.shared_first_token:
+        first = jax.vmap(jax.random.fold_in, (0, None))(first_keys, s.n)
+        keys = jax.random.wrap_key_data(jnp.where(s.n == 0, jax.random.key_data(first), jax.random.key_data(keys)))
+    sampled, lp, slp = sample_tokens(s.logits, keys, temperature, spec)
+    forced = s.qhead < s.qlen
+    tok = jnp.where(forced, jnp.take_along_axis(s.queue, jnp.minimum(s.qhead, spec.queue_len - 1)[:, None], 1)[:, 0], sampled)
+    ends = (tok == sp.assistant_end) | (tok == sp.bos)
+    keep = ~s.done & ~ends
+    m = keep & ~forced
+    out = Rollout(
+        s.out.tokens.at[:, s.n].set(jnp.where(keep, tok, spec.pad_id)),
+        s.out.mask.at[:, s.n].set(m.astype(jnp.int32)),
+        s.out.logp.at[:, s.n].set(jnp.where(m, lp, 0.0)),
+        s.out.sample_logp.at[:, s.n].set(jnp.where(m, slp, 0.0)),
+        s.out.length + keep.astype(jnp.int32),
+    )
+    starts = keep & (tok == sp.python_start)
+    closes = keep & (tok == sp.python_end) & s.in_py
+    need = closes & (s.n > s.expr_start)
+    in_py = jnp.where(starts, True, jnp.where(closes, False, s.in_py))
+    expr_start = jnp.where(starts, s.n + 1, s.expr_start)
+    queue, qlen, qhead = s.queue, s.qlen, s.qhead + forced.astype(jnp.int32)
+    if tool is not None:
+        def call_host(args):
+            q, ql, qh = args
+            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
+            nq, nql = jax.pure_callback(tool, shapes, out.tokens, s.expr_start, s.n, need, vmap_method="sequential")
+            return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
+
+        queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
+    logits, cache = gpt.decode_step(config, params, tok, s.pos, s.cache)
+    return _State(s.n + 1, out, s.done | ends, s.pos + 1, logits, cache, in_py, expr_start, queue, qlen, qhead)
+
+
+def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, lengths, row_ids, seed, temperature) -> Rollout:
+    """Rollouts for local prompts (P,T) with lengths (P,); row_ids (P,N,3) = (step, example, sample)."""
+    TRACE_COUNTS["rollout"] = TRACE_COUNTS.get("rollout", 0) + 1
+    P, T = prompt_ids.shape
+    N, M = spec.num_samples, spec.max_new_tokens
+    R = P * N
+    logits, cache = gpt.prefill(config, params, prompt_ids, lengths, T + M)
+    rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
+    cache = gpt.KVCache(rep(cache.k, axis=1), rep(cache.v, axis=1), rep(cache.prev_emb, axis=0))
+    base = jax.random.key(seed)
+
+    def key_of(ids):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, ids[0]), ids[1]), ids[2])
+
+    ids = row_ids.reshape(R, 3)
+    row_keys = jax.vmap(key_of)(ids)
+    first_keys = jax.vmap(key_of)(ids.at[:, 2].set(0))
+    zeros_f = jnp.zeros((R, M), jnp.float32)
+    out = Rollout(jnp.full((R, M), spec.pad_id, jnp.int32), jnp.zeros((R, M), jnp.int32), zeros_f, zeros_f,
+                  jnp.zeros((R,), jnp.int32))
+    zi = jnp.zeros((R,), jnp.int32)
+    state = _State(jnp.int32(0), out, jnp.zeros((R,), bool), rep(lengths, axis=0).astype(jnp.int32), rep(logits, axis=0),
+                   cache, jnp.zeros((R,), bool), zi, jnp.zeros((R, spec.queue_len), jnp.int32), zi, zi)
+    step = functools.partial(_step, config, spec, tool, params, row_keys, first_keys, temperature)
+    state = jax.lax.while_loop(lambda s: (s.n < M) & ~jnp.all(s.done), step, state)
+    return state.out
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config, spec, tool, mesh):
+    f = functools.partial(_rollout_local, config, spec, tool)
+    if mesh is not None and sharding.data_size(mesh) > 1:
+        rows, rep = sharding.data_spec(), sharding.replicated_spec()
+        f = sharding.shard_map(f, mesh, in_specs=(rep, rows, rows, rows, rep, rep), out_specs=rows)
+    return jax.jit(f)
+
+
+def check_request(config, prompts, num_samples, max_new_tokens, temperature):
+    """Validate a request before anything compiles; errors name the bad value and the limit."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, found {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), found {temperature}")
+    if not prompts:
+        raise ValueError("no prompts given")
+    context = 10 * config.sequence_len  # nanochat's rotary table length: the positions it can address
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; it needs at least <|bos|>")
+        if len(p) + max_new_tokens > context:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens {max_new_tokens} that exceeds "
+                             f"the model's context of {context} positions (10 x sequence_len {config.sequence_len})")
+
+
+def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0,
+           tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None) -> tuple[Rollout, np.ndarray]:
+    """Run all rollouts for `prompts` (list of token-id lists) in one jitted call.
+
+    Rows are ordered prompt-major (row = prompt * num_samples + sample). `example_ids` (default
+    0..P-1) and `step` feed the per-row keys, so the same (seed, step, example, sample) always gives
+    the same completion. Returns (Rollout as numpy, prompt lengths (P,)).
+    """
+    check_request(config, prompts, num_samples, max_new_tokens, temperature)
+    P = len(prompts)
+    example_ids = list(range(P)) if example_ids is None else list(example_ids)
+    n_dev = 1 if mesh is None else sharding.data_size(mesh)
+    P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; dropped below
+    T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.zeros((P_pad, T), np.int32)
+    lengths = np.ones((P_pad,), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+        lengths[i] = len(p)
+    row_ids = np.zeros((P_pad, num_samples, 3), np.int32)
+    row_ids[:, :, 0] = step
+    row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]
+    row_ids[:, :, 2] = np.arange(num_samples)[None]
+    top_k = 0 if not top_k else min(int(top_k), config.vocab_size)
+    spec = SampleSpec(num_samples, max_new_tokens, top_k, temperature == 0,
+                      config.generation == "gen-2025-10" and temperature > 0,
+                      tool.queue_len if tool is not None else 1, specials, specials.assistant_end)
+    fn = _compiled(config, spec, tool, mesh)
+    out = fn(params, ids, lengths, row_ids, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
+    out = jax.tree.map(lambda a: np.asarray(a)[: P * num_samples], out)
+    return Rollout(*out), lengths[:P]
+
+
+def assemble(prompts, rollout: Rollout, num_samples):
+    """nanochat's generate_batch convention: per row prompt + kept tokens, masks 0 for the prompt."""
+    seqs, masks = [], []
+    for i, p in enumerate(prompts):
+        s_row, m_row = [], []
+        for j in range(num_samples):
+            r = i * num_samples + j
+            n = int(rollout.length[r])
+            s_row.append(list(p) + rollout.tokens[r, :n].tolist())
+            m_row.append([0] * len(p) + rollout.mask[r, :n].tolist())
+        seqs.append(s_row)
+        masks.append(m_row)
+    return seqs, masks
+
+
+def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0):
+    """Stable API: nested lists [prompt][sample] of token ids and masks, as nanochat's generate_batch."""
+    specials = SpecialIds.from_tokenizer(tokenizer)
+    tool = _tool_for(tokenizer, max_new_tokens + 2)
+    rollout, _ = sample(config, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials)
+    return assemble(prompts, rollout, num_samples)
+
+
+_TOOLS: dict = {}
+
+
+def _tool_for(tokenizer, queue_len: int) -> ToolBridge:
+    """One bridge per (tokenizer, queue length), so repeated calls hit the same compiled function."""
+    from jaxrl.calculator import use_calculator
+
+    key = (id(tokenizer), queue_len)
+    if key not in _TOOLS:
+        _TOOLS[key] = ToolBridge(tokenizer, use_calculator, queue_len)
+    return _TOOLS[key]
