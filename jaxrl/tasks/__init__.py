@@ -1,0 +1,32 @@
+"""RL tasks: a conversation source plus a reward. Only GSM8K-format tasks exist so far.
+
+A task is anything with `len(task)`, `task[i] -> conversation` (nanochat's chat dict) and
+`task.reward(conversation, completion) -> float` (also `evaluate -> int`, `num_examples()`).
+Test: `python -m pytest tests/test_gsm8k.py -q`.
+"""
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from jaxrl.tasks.gsm8k import GSM8K, evaluate, extract_answer, reward, row_to_conversation
+
+__all__ = ["GSM8K", "Task", "evaluate", "extract_answer", "load_task", "reward", "row_to_conversation"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> dict: ...
+    def num_examples(self) -> int: ...
+    def evaluate(self, conversation: dict, completion: str) -> int: ...
+    def reward(self, conversation: dict, completion: str) -> float: ...
+
+
+def load_task(name_or_dir: str | Path, split: str) -> GSM8K:
+    """"gsm8k" -> GSM8K from the Hugging Face hub; an existing directory -> GSM8K-format
+    `<dir>/<split>.jsonl` (e.g. the shared gsm8k or arith data folders)."""
+    if str(name_or_dir) == "gsm8k":
+        return GSM8K(split)
+    if Path(name_or_dir).is_dir():
+        return GSM8K(split, data_dir=name_or_dir)
+    raise ValueError(f"unknown task {str(name_or_dir)!r}: pass 'gsm8k' (Hugging Face hub openai/gsm8k) "
+                     f"or a directory holding {split}.jsonl in GSM8K format")
