@@ -1,0 +1,278 @@
+"""Trainer checkpoints: orbax save and restore of the train state plus a JSON meta record.
+
+Owns the layout of `<run_dir>/checkpoints/`, written through orbax's `args=` CheckpointManager:
+
+    <step>/state/        orbax StandardSave of the state pytree (params, optax state, step, key data)
+    <step>/meta/         orbax JsonSave of `meta` (resolved config under "config", data cursor, ...)
+    <step>/config.toml   meta["config"] as TOML (jaxrl.config.save_config), for people to read
+    <step>.orbax-checkpoint-tmp*/   an unfinished save: never listed, deleted when a manager opens
+
+A save is atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
+everything is written, so a killed or failed save never becomes `latest_step()`. config.toml is
+written just after that rename; meta["config"] is the authoritative copy. Restores run against an
+abstract tree (`jax.eval_shape` output or a concrete template) that is first checked leaf by leaf
+against the saved metadata, because orbax itself silently casts a dtype that differs.
+(The nanochat export and the import layout of convert/ live in jaxrl/checkpoint_io.py.)
+
+    mgr = CheckpointManager(run_dir / "checkpoints", max_to_keep=3)
+    mgr.save(step, {"params": params, "opt_state": opt_state}, {"config": cfg.to_dict(), ...})
+    state, meta = mgr.restore(abstract_state=jax.eval_shape(init_state), sharding=replicated(mesh))
+
+Test: `python -m pytest -q tests/test_checkpoint.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxrl.config import RLConfig, save_config
+
+STATE, META = "state", "meta"
+CONFIG_TOML = "config.toml"
+
+# RLConfig keys whose change makes a resumed run differ from an uninterrupted one.
+RESUME_BREAKING = (
+    "source", "checkpoint", "model_tag", "model_step", "generation", "tokenizer_dir", "dtype",
+    "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "temperature",
+    "top_k", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
+    "num_epochs", "num_steps", "seed", "task", "data_dir", "advantage", "token_norm",
+    "train_on_end_token",
+)
+# Keys that only touch naming, logging, evaluation, saving or process layout.
+RESUME_SAFE = (
+    "run", "out_dir", "resume", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
+    "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
+    "num_processes", "process_id",
+)
+
+
+class CheckpointError(ValueError):
+    """A trainer checkpoint cannot be written, found or read; the message names the path."""
+
+
+class CheckpointManager:
+    """Numbered checkpoints in `directory` (the run's checkpoints folder); all processes call every method."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+        try:
+            self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:
+            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}; "
+                                  "choose a writable out_dir") from e
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, state: Any, meta: dict) -> Path:
+        """Write `state` and `meta` as checkpoint `step`; returns once it is durable (its folder).
+
+        `meta` must be JSON-able; a "config" entry must be a full RLConfig dict and is also
+        written as config.toml. Raises CheckpointError, leaving earlier steps intact, on any
+        write failure (disk full, read-only folder), and when `step` already exists.
+        """
+        step = int(step)
+        _check_state_leaves(state)
+        config = _meta_config(meta)
+        if step in self.all_steps():
+            raise CheckpointError(f"checkpoint step {step} already exists at {self.step_dir(step)}; "
+                                  "save each step once (skip the save when step == latest_step())")
+        previous = self.latest_step()
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)})
+        try:
+            self._mgr.save(step, args=args, force=True)
+            self._mgr.wait_until_finished()
+        except Exception as e:  # OSError, or tensorstore's ValueError wrapping an OS error
+            # orbax 0.12.8 drops earlier steps from its in-memory list when a commit fails
+            # (max_to_keep bookkeeping runs first); the folders are intact, so re-read them.
+            self._mgr.reload()
+            kept = "no earlier checkpoint" if previous is None else f"step {previous} is intact"
+            raise CheckpointError(
+                f"saving checkpoint step {step} to {self.step_dir(step)} failed ({kept}): "
+                f"{type(e).__name__}: {e}. Free disk space or fix the folder's permissions "
+                "(or pick another out_dir), then resume") from e
+        if config is not None and jax.process_index() == 0:
+            path = self.step_dir(step) / CONFIG_TOML
+            try:
+                save_config(config, path)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint step {step} was saved, but writing {path} failed: "
+                                      f"{e}; meta['config'] holds the same config") from e
+        return self.step_dir(step)
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """meta of `step` (default latest) without touching the state, e.g. to build the abstract state."""
+        step = self._existing_step(step)
+        try:
+            return self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise CheckpointError(f"cannot read the meta of {self.step_dir(step)}: {e}") from e
+
+    def restore(self, step: int | None = None, abstract_state: Any = None, *,
+                sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default latest), with the tree structure of `abstract_state`.
+
+        `abstract_state`: `jax.eval_shape(...)` output or a concrete template (arrays). Each leaf
+        comes back as a jax.Array placed with `sharding` if given, else with the leaf's own
+        sharding, else on the first local device. Every leaf's path, shape and dtype must equal
+        the saved ones (else CheckpointError); optax namedtuple states keep their types.
+        """
+        if abstract_state is None:
+            raise TypeError("restore needs abstract_state: pass jax.eval_shape(make_state) or a "
+                            "template state with the saved structure")
+        step = self._existing_step(step)
+        target = jax.tree.map(lambda x: _abstract_leaf(x, sharding), abstract_state)
+        where = self.step_dir(step) / STATE
+        try:
+            saved = self._mgr.item_metadata(step)[STATE]
+        except Exception as e:
+            raise CheckpointError(f"cannot read the metadata of {where}: {e}") from e
+        _check_structure(target, getattr(saved, "tree", saved), where)
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()})
+        try:
+            out = self._mgr.restore(step, args=args)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
+        return out[STATE], out[META]
+
+    def close(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _existing_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no checkpoint in {self.directory} (unfinished "
+                                      "*.orbax-checkpoint-tmp* folders do not count); start without resume")
+            return steps[-1]
+        if int(step) not in steps:
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; saved steps: {steps}")
+        return int(step)
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers of save and restore
+
+
+def _is_key_array(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _check_state_leaves(state: Any) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if _is_key_array(leaf):
+            raise TypeError(f"state leaf {_path_str(path)} is a typed PRNG key; save "
+                            "jax.random.key_data(key) (uint32) and rebuild it with jax.random.wrap_key_data")
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            raise TypeError(f"state leaf {_path_str(path)} is a {type(leaf).__name__}, not an array; "
+                            "wrap it with np.asarray (scalars) or move it to meta")
+
+
+def _meta_config(meta: dict) -> RLConfig | None:
+    """Validate `meta` before anything is written; the RLConfig in meta["config"], if any."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, found {type(meta).__name__}")
+    try:
+        json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"meta is not JSON-serializable: {e}; convert numpy values with "
+                        "int()/float()/.tolist()") from e
+    if "config" not in meta:
+        return None
+    if not isinstance(meta["config"], dict):
+        raise TypeError(f"meta['config'] must be RLConfig.to_dict(), found {type(meta['config']).__name__}")
+    return RLConfig.from_dict(meta["config"], source="in meta['config']")
+
+
+def _abstract_leaf(x, sharding) -> jax.ShapeDtypeStruct:
+    if _is_key_array(x) or jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+        raise TypeError("abstract_state holds a typed PRNG key; checkpoints store jax.random.key_data(key)")
+    if sharding is None:
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
+
+
+def _path_str(path) -> str:
+    """'opt_state/0/mu/wte' for dict keys, namedtuple fields and sequence indices alike."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts) or "<root>"
+
+
+def _describe(x) -> str:
+    return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+
+
+def _check_structure(target: Any, saved_tree: Any, where: Path) -> None:
+    """Raise CheckpointError naming the first differing leaf path (expected vs found)."""
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # orbax ArrayMetadata
+    want = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree, is_leaf=is_leaf)[0]}
+    problems = []
+    for path, x in want.items():
+        if path not in have:
+            problems.append(f"{path}: expected {_describe(x)}, not in the checkpoint")
+        elif tuple(have[path].shape) != tuple(x.shape) or np.dtype(have[path].dtype) != np.dtype(x.dtype):
+            problems.append(f"{path}: expected {_describe(x)}, found {_describe(have[path])}")
+    problems += [f"{path}: found {_describe(have[path])}, not in abstract_state"
+                 for path in have if path not in want]
+    if problems:
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint {where} does not match abstract_state ({len(problems)} differing leaves); "
+            f"first: {problems[0]}\n  - " + "\n  - ".join(problems[:5]) + more
+            + "\nBuild abstract_state from the config saved in the checkpoint's meta.")
+
+
+# ------------------------------------------------------------------------------------------
+# Resume
+
+
+def check_resume_compatible(saved_config: dict, new_config: dict) -> list[str]:
+    """Keys whose change is safe on resume, in RESUME_SAFE order; raise if any other key changed.
+
+    Both arguments are RLConfig.to_dict() outputs (the saved one from meta["config"]). A key
+    missing from one side counts as changed; a changed key in neither tuple counts as breaking.
+    """
+    missing = object()
+    changed = [k for k in dict.fromkeys([*saved_config, *new_config])
+               if saved_config.get(k, missing) != new_config.get(k, missing)]
+    breaking = [k for k in changed if k not in RESUME_SAFE]
+    if breaking:
+        show = lambda d, k: repr(d[k]) if k in d else "<absent>"
+        lines = [f"{k}: saved {show(saved_config, k)}, now {show(new_config, k)}"
+                 + ("" if k in RESUME_BREAKING else " (not known to be safe)") for k in breaking]
+        raise CheckpointError(
+            "cannot resume: these config changes would make the run differ from an "
+            "uninterrupted one:\n  - " + "\n  - ".join(lines)
+            + "\nRestore the saved values (see config.toml in the checkpoint folder), or start a "
+            "new run (another run name or out_dir) without resume.")
+    return [k for k in RESUME_SAFE if k in changed]
