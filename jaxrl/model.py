@@ -12,7 +12,8 @@ no transposes, and Muon sees the same (rows, cols) as nanochat.
 Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
 K kv heads, Dh head dim, V vocab, L layers.
 
-Test: `pytest tests/test_model.py` (golden logits of every generation from ../shared/fixtures).
+Test: `pytest tests/test_model.py` (properties: causality, cache = full forward, bf16) and
+`pytest tests/test_convert.py` (golden logits of every generation from ../shared/fixtures; needs torch).
 """
 from __future__ import annotations
 
@@ -237,7 +238,7 @@ def rotary(config: GPTConfig, positions):
     """cos, sin of shape (B, T, 1, Dh/2) for integer positions (B, T), rounded as nanochat rounds."""
     hd = config.head_dim
     inv_freq = 1.0 / (np.float32(config.rotary_base) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
-    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)[None, None, :]
     table_dtype = config.dtype if config.generation == "gen-2026-07" else jnp.bfloat16
     cos = jnp.cos(angle).astype(table_dtype)[:, :, None, :]
     sin = jnp.sin(angle).astype(table_dtype)[:, :, None, :]

@@ -1,0 +1,115 @@
+"""jaxrl/model.py properties for every generation, without torch.
+
+Shapes and finiteness, causality, KV-cache prefill + decode == full forward (with a sliding window
+shorter than the sequence and per-row prompt lengths in one batch), and bf16 mode close to fp32.
+Golden logits against nanochat's own forward are in tests/test_convert.py (reading .pt needs torch).
+Params are random normal (not `init_params`, whose zero projections and gates would hide bugs).
+
+Run: python -m pytest -q tests/test_model.py
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import GENERATIONS
+from jaxrl.model import GPTConfig, decode_step, forward, param_table, prefill, token_nll, unflatten_params
+
+# Tolerances, set once. fp32: cache vs full forward differ only in summation order.
+# bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;
+# measured max 0.12 / mean 0.012 on these configs.
+FP32_ATOL = 1e-5
+BF16_MAX_ATOL, BF16_MEAN_ATOL = 0.25, 0.03
+T_LONG = 160  # longer than the short window (128) of both 2026 generations at sequence_len 256
+
+fwd = jax.jit(forward, static_argnums=0)
+step = jax.jit(decode_step, static_argnums=0)
+
+
+def tiny_config(generation: str, **kw) -> GPTConfig:
+    """STYLE's tiny model (2 layers, n_embd 64, 4 heads; here GQA with 2 kv heads) over a byte vocab
+    plus nanochat's 9 specials (265, padded to 320 in the 2026 gens); layer 0 windowed ("SL")."""
+    return GPTConfig(sequence_len=256, vocab_size=265, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                     window_pattern="SL", generation=generation, **kw)
+
+
+def random_params(config: GPTConfig, seed: int = 0):
+    table = param_table(config)
+    flat = {}
+    for key, (name, shape, _) in zip(jax.random.split(jax.random.key(seed), len(table)), table):
+        z = jax.random.normal(key, shape, jnp.float32)
+        if len(shape) == 1:  # lambdas and smear/backout scalars: away from the special values 0 and 1
+            flat[name] = 0.5 + 0.3 * z
+        elif name == "transformer.wte.weight" or name.startswith("value_embeds."):
+            flat[name] = z
+        else:
+            flat[name] = z / math.sqrt(shape[1])
+    return unflatten_params(flat)
+
+
+def random_tokens(config: GPTConfig, shape, seed: int = 1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, config.vocab_size, jnp.int32)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_shapes_and_finiteness(generation):
+    config = tiny_config(generation)
+    params = random_params(config)
+    idx = random_tokens(config, (2, 40))
+    logits = fwd(config, params, idx)
+    assert logits.shape == (2, 40, config.vocab_size) and logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all()) and float(jnp.abs(logits).max()) <= 15.0  # softcap
+    targets = idx.at[:, :5].set(-1)
+    nll = token_nll(config, params, idx, targets)
+    assert nll.shape == (2, 40) and bool(jnp.isfinite(nll).all())
+    assert bool((nll[:, :5] == 0).all()) and bool((nll[:, 5:] > 0).all())
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_causality(generation):
+    """Changing token t leaves logits before t unchanged and changes logits at t."""
+    config = tiny_config(generation)
+    params = random_params(config)
+    idx = random_tokens(config, (2, T_LONG))
+    for t in (0, 37, T_LONG - 1):
+        changed = idx.at[:, t].set((idx[:, t] + 1) % config.vocab_size)
+        a, b = fwd(config, params, idx), fwd(config, params, changed)
+        np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=0, atol=FP32_ATOL)
+        assert float(jnp.abs(a[:, t] - b[:, t]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_cached_prefill_and_decode_equal_full_forward(generation):
+    """Rows with prompt lengths 5, 17, 30 prefilled in one right-padded batch, then decoded one
+    token at a time to position T_LONG-1 (past the short window), match the full forward."""
+    config = tiny_config(generation)
+    assert config.window_sizes()[0] is None or config.window_sizes()[0] < T_LONG
+    params = random_params(config)
+    seq = random_tokens(config, (3, T_LONG))
+    full = np.asarray(fwd(config, params, seq))
+    lengths = jnp.array([5, 17, 30], jnp.int32)
+    prompt_len = int(lengths.max())
+    pad = jnp.arange(prompt_len)[None, :] >= lengths[:, None]
+    prompts = jnp.where(pad, 0, seq[:, :prompt_len])  # garbage past each row's length must not matter
+    logits, cache = prefill(config, params, prompts, lengths, T_LONG)
+    rows = np.arange(3)
+    np.testing.assert_allclose(logits, full[rows, np.asarray(lengths) - 1], rtol=0, atol=FP32_ATOL)
+    for j in range(T_LONG - prompt_len):
+        pos = lengths + j
+        logits, cache = step(config, params, seq[rows, pos], pos, cache)
+        np.testing.assert_allclose(logits, full[rows, np.asarray(pos)], rtol=0, atol=FP32_ATOL,
+                                   err_msg=f"decode step {j}, positions {np.asarray(pos)}")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_bf16_mode_is_close_to_fp32(generation):
+    config = tiny_config(generation)
+    params = random_params(config)
+    idx = random_tokens(config, (3, T_LONG))
+    a = np.asarray(fwd(config, params, idx))
+    b = np.asarray(fwd(config.replace(compute_dtype="bfloat16"), params, idx))
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    diff = np.abs(a - b)
+    assert diff.max() <= BF16_MAX_ATOL and diff.mean() <= BF16_MEAN_ATOL, (diff.max(), diff.mean())
