@@ -256,17 +256,19 @@ def apply_rotary(x, cos, sin):
 def attend(q, k, v, q_pos, k_pos, window: int | None):
     """Grouped-query attention with a causal (and optional left-window) mask over absolute positions.
 
-    q (B,T,H,Dh), k/v (B,S,K,Dh), q_pos (B,T), k_pos (B,S) -> (B,T,H,Dh).
+    q (B,T,H,Dh), k/v (B,S,K,Dh), q_pos (B,T), k_pos (B,S) -> (B,T,H,Dh). Keys at negative
+    positions (left padding of shorter prompts) are never attended to.
     """
     B, T, H, hd = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B,T,S)
-    mask = delta >= 0
+    mask = (delta >= 0) & (k_pos[:, None, :] >= 0)  # negative positions are left padding
     if window is not None:
         mask = mask & (delta <= window)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    # finite: a padding query with no visible key gets a harmless uniform row instead of NaN
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(B, T, H, hd)
@@ -298,17 +300,65 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
     if cache is None:
-        y = attend(q, k, v, positions, positions, window)
-    else:  # decode (T=1): write this token's k/v at its absolute position, attend over the cache
-        ck, cv = cache
-        rows = jnp.arange(B)
-        ck = ck.at[i, rows, positions[:, 0]].set(k[:, 0].astype(ck.dtype))
-        cv = cv.at[i, rows, positions[:, 0]].set(v[:, 0].astype(cv.dtype))
-        S = ck.shape[2]
-        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
-        y = attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), positions, k_pos, window)
-        k, v = ck, cv
-    return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), (k, v)
+        y, kv = attend(q, k, v, positions, positions, window), (k, v)
+    else:
+        y, kv = cache.attend(i, q, k, v, positions, window)
+    return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
+
+
+class _SlotView:
+    """Decode against one (L,B,S,K,Dh) cache: every row writes slot `slot`; slot s of row b holds
+    position s - pad[b]."""
+
+    def __init__(self, k, v, slot, pad):
+        self.k, self.v, self.slot, self.pad = k, v, slot, pad
+
+    def attend(self, i, q, k, v, positions, window):
+        self.k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (i, 0, self.slot, 0, 0))
+        self.v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (i, 0, self.slot, 0, 0))
+        k_pos = jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, :] - self.pad[:, None]
+        return attend(q, self.k[i].astype(q.dtype), self.v[i].astype(q.dtype), positions, k_pos, window), None
+
+
+class _SharedView:
+    """Decode for N samples per prompt: the prompt's keys are read once per prompt, each row's
+    generated keys from its own buffer, of which only the first `gen_len` slots are read."""
+
+    def __init__(self, cache: "SharedCache", col, pad, gen_len: int):
+        self.c, self.col, self.pad, self.gen_len = cache, col, pad, gen_len
+
+    def attend(self, i, q, k, v, positions, window):
+        c = self.c
+        kg = jax.lax.dynamic_update_slice(c.kg, k[None].astype(c.kg.dtype), (i, 0, self.col, 0, 0))
+        vg = jax.lax.dynamic_update_slice(c.vg, v[None].astype(c.vg.dtype), (i, 0, self.col, 0, 0))
+        self.c = c._replace(kg=kg, vg=vg)
+        P, Tp = c.kp.shape[1], c.kp.shape[2]
+        R, _, H, hd = q.shape
+        K = c.kp.shape[3]
+        N, G = R // P, self.gen_len
+        qp = q.reshape(P, N, K, H // K, hd)
+        sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
+        sg = jnp.einsum("rkgd,rskd->rkgs", q.reshape(R, K, H // K, hd), kg[i, :, :G].astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+        q_pos = positions[:, 0]  # (R,)
+        kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
+        kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
+        kp_pos = jnp.repeat(kp_pos, N, axis=0, total_repeat_length=R)
+        kg_pos = jnp.repeat(kg_pos, N, axis=0, total_repeat_length=R)
+        ok_p = (kp_pos >= 0) & (q_pos[:, None] >= kp_pos)
+        ok_g = q_pos[:, None] >= kg_pos
+        if window is not None:
+            ok_p &= q_pos[:, None] - kp_pos <= window
+            ok_g &= q_pos[:, None] - kg_pos <= window
+        low = jnp.finfo(jnp.float32).min
+        scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp.reshape(R, K, H // K, Tp), low),
+                                  jnp.where(ok_g[:, None, None], sg, low)], axis=-1) / math.sqrt(hd)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        pp, pg = probs[..., :Tp].reshape(P, N, K, H // K, Tp), probs[..., Tp:]
+        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype), preferred_element_type=jnp.float32)
+        y = y.reshape(R, K, H // K, hd) + jnp.einsum("rkgs,rskd->rkgd", pg, vg[i, :, :G].astype(q.dtype),
+                                                      preferred_element_type=jnp.float32)
+        return y.astype(q.dtype).reshape(R, 1, H, hd), None
 
 
 def _mlp(lp, u):
@@ -316,8 +366,12 @@ def _mlp(lp, u):
     return linear(h * h, lp["mlp"]["c_proj"]["weight"])
 
 
-def _embed(config, params, idx, prev_emb):
-    """Normalised token embedding with smear (gen-2026-07). Returns (x, pre-smear e)."""
+def _embed(config, params, idx, prev_emb, positions):
+    """Normalised token embedding with smear (gen-2026-07). Returns (x, pre-smear e).
+
+    Smear reads the previous token's pre-smear embedding (`prev_emb` for the chunk's first
+    token); a token at position 0 (or in left padding) has no previous token and is not smeared.
+    """
     e = rms_norm(params["transformer"]["wte"]["weight"][idx].astype(config.dtype))
     if not config.has_smear:
         return e, e
@@ -325,6 +379,7 @@ def _embed(config, params, idx, prev_emb):
     gate_w = params["smear_gate"]["weight"]
     gate = jax.nn.sigmoid(linear(e[..., :SMEAR_CHANNELS], gate_w))  # (B,T,1)
     prev = jnp.concatenate([prev_emb[:, None, :].astype(e.dtype), e[:, :-1]], axis=1)
+    prev = jnp.where((positions > 0)[..., None], prev, jnp.zeros_like(prev))
     return e + lam * gate * prev, e
 
 
@@ -332,17 +387,17 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
     """Embedding, blocks, backout and final norm.
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
-    positions must then be 0..T-1. With a cache: k/v written at `positions` (T=1 decode).
+    positions are 0..T-1, or shifted left by a row's padding (negative = padding, never attended).
+    With a cache view (T=1 decode, `_SlotView`/`_SharedView`), attention goes through the view,
+    which also records this token's k/v.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
-    Returns x (B,T,D) after the final norm, per-layer (k, v) (with a cache: the updated (k, v)
-    of all layers), and the last pre-smear embedding (B,D).
+    Returns x (B,T,D) after the final norm, per-layer (k, v) (None with a cache view), and the
+    last pre-smear embedding (B,D).
     """
     B, T = idx.shape
-    if cache is not None:
-        cache = (cache.k, cache.v)
-    if prev_emb is None:  # smear for position 0 has nothing to read: a zero embedding is a no-op
+    if prev_emb is None:  # smear for position 0 has nothing to read
         prev_emb = jnp.zeros((B, config.n_embd), config.dtype)
-    x, e = _embed(config, params, idx, prev_emb)
+    x, e = _embed(config, params, idx, prev_emb, positions)
     x0 = x
     rope = rotary(config, positions)
     windows = config.window_sizes()
@@ -356,8 +411,6 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
         if config.has_ve(i):
             extra["ve"] = params["value_embeds"][str(i)]["weight"]
         out, kv = _block_attn(config, lp, i, rms_norm(x), idx, positions, windows[i], cache, extra)
-        if cache is not None:
-            cache, kv = kv, None  # the whole (L,...) cache, updated in place
         x = x + out
         x = x + _mlp(lp, rms_norm(x))
         kvs.append(kv)
@@ -365,7 +418,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
             xb = x
     if config.has_smear:
         x = x - params["backout_lambda"].astype(x.dtype)[0] * xb
-    return rms_norm(x), (kvs if cache is None else cache), e[:, -1]
+    return rms_norm(x), kvs, e[:, -1]
 
 
 def logits_from_hidden(config: GPTConfig, params: Params, x):
@@ -403,29 +456,66 @@ def nll_from_logits(logits, targets):
 # KV-cache inference
 
 
-def prefill(config: GPTConfig, params: Params, idx, lengths, cache_len: int):
-    """Run right-padded prompts idx (B,T) with true lengths (B,) once; build a cache of length S.
+def prefill(config: GPTConfig, params: Params, idx, pad, cache_len: int):
+    """Run left-padded prompts idx (B,T) once (row b starts after pad[b] padding tokens).
 
-    Returns (logits at each row's last prompt token, float32 (B,V), KVCache with S = cache_len).
-    Slots at and past a row's length hold padding garbage; decode overwrites them before any
-    query can see them (a query at p only sees slots <= p).
+    Returns (logits at the last slot, float32 (B,V), KVCache with S = cache_len slots). Slot s of
+    row b holds position s - pad[b]; padding slots have negative positions and are masked.
+    Left padding puts every row's next token in the same slot, so decode writes the cache with
+    one in-place dynamic_update_slice instead of a per-row scatter.
     """
     B, T = idx.shape
     assert cache_len >= T, f"cache_len {cache_len} < prompt bucket {T}"
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    x, kvs, _ = trunk(config, params, idx, positions)
-    last = jnp.clip(lengths - 1, 0, T - 1)
-    x_last = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    pad = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
-    k = jnp.stack([jnp.pad(kv[0], pad) for kv in kvs])
-    v = jnp.stack([jnp.pad(kv[1], pad) for kv in kvs])
-    e = rms_norm(params["transformer"]["wte"]["weight"][jnp.take_along_axis(idx, last[:, None], 1)[:, 0]].astype(config.dtype))
-    return logits_from_hidden(config, params, x_last), KVCache(k, v, e)
+    positions = jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None]
+    x, kvs, e_last = trunk(config, params, idx, positions)
+    widths = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
+    k = jnp.stack([jnp.pad(kv[0], widths) for kv in kvs])
+    v = jnp.stack([jnp.pad(kv[1], widths) for kv in kvs])
+    return logits_from_hidden(config, params, x[:, -1]), KVCache(k, v, e_last)
 
 
-def decode_step(config: GPTConfig, params: Params, tokens, pos, cache: KVCache):
-    """One token per row: tokens (B,), absolute positions (B,). Returns (logits (B,V) f32, cache)."""
+def decode_step(config: GPTConfig, params: Params, tokens, slot, pad, cache: KVCache):
+    """One token per row at cache slot `slot` (scalar): tokens (B,), pad (B,).
+
+    Returns (logits (B,V) f32, updated cache).
+    """
     idx = tokens[:, None].astype(jnp.int32)
-    positions = pos[:, None].astype(jnp.int32)
-    x, (k, v), e = trunk(config, params, idx, positions, cache=cache, prev_emb=cache.prev_emb)
-    return logits_from_hidden(config, params, x[:, 0]), KVCache(k, v, e.astype(cache.prev_emb.dtype))
+    positions = (slot - pad)[:, None].astype(jnp.int32)
+    view = _SlotView(cache.k, cache.v, slot, pad)
+    x, _, e = trunk(config, params, idx, positions, cache=view, prev_emb=cache.prev_emb)
+    return logits_from_hidden(config, params, x[:, 0]), KVCache(view.k, view.v, e.astype(cache.prev_emb.dtype))
+
+
+class SharedCache(NamedTuple):
+    """Decode state of N samples per prompt (rows prompt-major: row = prompt * N + sample)."""
+
+    kp: jax.Array  # (L, P, Tp, K, Dh) prompt keys, shared by the prompt's samples
+    vp: jax.Array  # (L, P, Tp, K, Dh)
+    kg: jax.Array  # (L, R, M, K, Dh) keys of generated tokens, column j at slot j
+    vg: jax.Array  # (L, R, M, K, Dh)
+    prev_emb: jax.Array  # (R, D) pre-smear embedding of the last token (gen-2026-07)
+
+
+def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_tokens: int) -> SharedCache:
+    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows."""
+    L, P, Tp, K, hd = cache.k.shape
+    R = P * num_samples
+    zeros = jnp.zeros((L, R, max_new_tokens, K, hd), cache.k.dtype)
+    prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
+    return SharedCache(cache.k, cache.v, zeros, zeros, prev)
+
+
+def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
+    """One token per row at generated column `col`: tokens (R,), pad (P,) of the prompts.
+
+    Attends to the prompt (read once per prompt) and to generated slots [0, gen_len) (a static
+    bound >= col + 1, so early columns read less). Returns (logits (R,V) f32, cache).
+    """
+    P, Tp = cache.kp.shape[1], cache.kp.shape[2]
+    R = tokens.shape[0]
+    row_pad = jnp.repeat(pad, R // P, axis=0, total_repeat_length=R)
+    positions = ((Tp - row_pad) + col)[:, None].astype(jnp.int32)
+    view = _SharedView(cache, col, pad, gen_len)
+    x, _, e = trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
+                    prev_emb=cache.prev_emb)
+    return logits_from_hidden(config, params, x[:, 0]), view.c._replace(prev_emb=e.astype(cache.prev_emb.dtype))

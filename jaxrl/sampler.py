@@ -5,8 +5,9 @@ nanochat Engine's tool state machine (python blocks, forced `<|output_start|> â€
 tokens with mask 0), and the host seam to `jaxrl.calculator`.
 
 How one call works (R = prompts Ã— samples rows):
-1. Prompts are right-padded to a bucketed length and prefilled once (P rows); the KV cache and
-   last logits are then repeated for the samples of each prompt (no recomputation per sample).
+1. Prompts are left-padded to a bucketed length and prefilled once (P rows). Their keys stay in
+   one per-prompt cache that all N samples attend to (read once per prompt, not per sample);
+   generated tokens get per-row slots, and decode phase j reads only the first 64 (j + 1).
 2. A `lax.while_loop` decodes one column per step for all rows and exits as soon as every row has
    emitted `<|assistant_end|>`/`<|bos|>`, or after `max_new_tokens` columns (forced tokens count).
 3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
@@ -31,6 +32,7 @@ from jaxrl import model as gpt
 from jaxrl import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
+PHASE = 64  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
 
 
@@ -126,9 +128,9 @@ class _State(NamedTuple):
     n: jax.Array  # () column being generated
     out: Rollout
     done: jax.Array  # (R,) bool
-    pos: jax.Array  # (R,) absolute position of the token fed next
+    pad: jax.Array  # (P,) left padding of each prompt (prompt slot s holds position s - pad)
     logits: jax.Array  # (R, V)
-    cache: gpt.KVCache
+    cache: gpt.SharedCache
     in_py: jax.Array  # (R,) bool: inside a python block
     expr_start: jax.Array  # (R,) first column of the current expression
     queue: jax.Array  # (R, Q) forced tokens
@@ -136,7 +138,7 @@ class _State(NamedTuple):
     qhead: jax.Array  # (R,)
 
 
-def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, s: _State) -> _State:
+def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len, s: _State) -> _State:
     sp = spec.specials
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.n)
     if spec.shared_first_token:
@@ -169,19 +171,19 @@ def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperat
             return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
 
         queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
-    logits, cache = gpt.decode_step(config, params, tok, s.pos, s.cache)
-    return _State(s.n + 1, out, s.done | ends, s.pos + 1, logits, cache, in_py, expr_start, queue, qlen, qhead)
+    logits, cache = gpt.decode_shared(config, params, tok, s.n, s.pad, s.cache, gen_len)
+    return _State(s.n + 1, out, s.done | ends, s.pad, logits, cache, in_py, expr_start, queue, qlen, qhead)
 
 
-def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, lengths, row_ids, seed, temperature) -> Rollout:
-    """Rollouts for local prompts (P,T) with lengths (P,); row_ids (P,N,3) = (step, example, sample)."""
+def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_ids, seed, temperature) -> Rollout:
+    """Rollouts for left-padded local prompts (P,T) with padding (P,); row_ids (P,N,3) = (step, example, sample)."""
     TRACE_COUNTS["rollout"] = TRACE_COUNTS.get("rollout", 0) + 1
     P, T = prompt_ids.shape
     N, M = spec.num_samples, spec.max_new_tokens
     R = P * N
-    logits, cache = gpt.prefill(config, params, prompt_ids, lengths, T + M)
+    logits, cache = gpt.prefill(config, params, prompt_ids, pad, T)
+    cache = gpt.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
     rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
-    cache = gpt.KVCache(rep(cache.k, axis=1), rep(cache.v, axis=1), rep(cache.prev_emb, axis=0))
     base = jax.random.key(seed)
 
     def key_of(ids):
@@ -194,10 +196,12 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, lengths, 
     out = Rollout(jnp.full((R, M), spec.pad_id, jnp.int32), jnp.zeros((R, M), jnp.int32), zeros_f, zeros_f,
                   jnp.zeros((R,), jnp.int32))
     zi = jnp.zeros((R,), jnp.int32)
-    state = _State(jnp.int32(0), out, jnp.zeros((R,), bool), rep(lengths, axis=0).astype(jnp.int32), rep(logits, axis=0),
+    state = _State(jnp.int32(0), out, jnp.zeros((R,), bool), pad.astype(jnp.int32), rep(logits, axis=0),
                    cache, jnp.zeros((R,), bool), zi, jnp.zeros((R, spec.queue_len), jnp.int32), zi, zi)
-    step = functools.partial(_step, config, spec, tool, params, row_keys, first_keys, temperature)
-    state = jax.lax.while_loop(lambda s: (s.n < M) & ~jnp.all(s.done), step, state)
+    for end in range(PHASE, M + PHASE, PHASE):  # static phases: early columns read fewer slots
+        end = min(end, M)
+        step = functools.partial(_step, config, spec, tool, params, row_keys, first_keys, temperature, end)
+        state = jax.lax.while_loop(lambda s, end=end: (s.n < end) & ~jnp.all(s.done), step, state)
     return state.out
 
 
@@ -243,11 +247,11 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
     n_dev = 1 if mesh is None else sharding.data_size(mesh)
     P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; dropped below
     T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
-    ids = np.zeros((P_pad, T), np.int32)
-    lengths = np.ones((P_pad,), np.int32)
+    ids = np.zeros((P_pad, T), np.int32)  # left-padded: every row's next token goes to the same slot
+    pad = np.full((P_pad,), T - 1, np.int32)  # dummy rows: one token
     for i, p in enumerate(prompts):
-        ids[i, : len(p)] = p
-        lengths[i] = len(p)
+        ids[i, T - len(p):] = p
+        pad[i] = T - len(p)
     row_ids = np.zeros((P_pad, num_samples, 3), np.int32)
     row_ids[:, :, 0] = step
     row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]
@@ -257,9 +261,9 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
                       config.generation == "gen-2025-10" and temperature > 0,
                       tool.queue_len if tool is not None else 1, specials, specials.assistant_end)
     fn = _compiled(config, spec, tool, mesh)
-    out = fn(params, ids, lengths, row_ids, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
+    out = fn(params, ids, pad, row_ids, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
     out = jax.tree.map(lambda a: np.asarray(a)[: P * num_samples], out)
-    return Rollout(*out), lengths[:P]
+    return Rollout(*out), T - pad[:P]
 
 
 def assemble(prompts, rollout: Rollout, num_samples):
@@ -280,7 +284,7 @@ def assemble(prompts, rollout: Rollout, num_samples):
 def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0):
     """Stable API: nested lists [prompt][sample] of token ids and masks, as nanochat's generate_batch."""
     specials = SpecialIds.from_tokenizer(tokenizer)
-    tool = _tool_for(tokenizer, max_new_tokens + 2)
+    tool = _tool_for(tokenizer, max_new_tokens + 2, config.generation)
     rollout, _ = sample(config, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials)
     return assemble(prompts, rollout, num_samples)
@@ -289,11 +293,12 @@ def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, te
 _TOOLS: dict = {}
 
 
-def _tool_for(tokenizer, queue_len: int) -> ToolBridge:
-    """One bridge per (tokenizer, queue length), so repeated calls hit the same compiled function."""
+def _tool_for(tokenizer, queue_len: int, generation: str) -> ToolBridge:
+    """One bridge per (tokenizer, queue length, generation), so repeated calls hit the same compiled
+    function. The generation picks the calculator (gen-2025-10 has no `.count(` string path)."""
     from jaxrl.calculator import use_calculator
 
-    key = (id(tokenizer), queue_len)
+    key = (id(tokenizer), queue_len, generation)
     if key not in _TOOLS:
-        _TOOLS[key] = ToolBridge(tokenizer, use_calculator, queue_len)
+        _TOOLS[key] = ToolBridge(tokenizer, functools.partial(use_calculator, generation=generation), queue_len)
     return _TOOLS[key]

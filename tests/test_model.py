@@ -82,25 +82,29 @@ def test_causality(generation):
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_cached_prefill_and_decode_equal_full_forward(generation):
-    """Rows with prompt lengths 5, 17, 30 prefilled in one right-padded batch, then decoded one
+    """Rows with prompt lengths 5, 17, 30 prefilled in one left-padded batch, then decoded one
     token at a time to position T_LONG-1 (past the short window), match the full forward."""
     config = tiny_config(generation)
     assert config.window_sizes()[0] is None or config.window_sizes()[0] < T_LONG
     params = random_params(config)
     seq = random_tokens(config, (3, T_LONG))
     full = np.asarray(fwd(config, params, seq))
-    lengths = jnp.array([5, 17, 30], jnp.int32)
-    prompt_len = int(lengths.max())
-    pad = jnp.arange(prompt_len)[None, :] >= lengths[:, None]
-    prompts = jnp.where(pad, 0, seq[:, :prompt_len])  # garbage past each row's length must not matter
-    logits, cache = prefill(config, params, prompts, lengths, T_LONG)
+    lengths = np.array([5, 17, 30])
+    width = int(lengths.max())
+    pad = width - lengths
+    # left padding; the padding tokens are garbage that must not matter
+    prompts = np.array(random_tokens(config, (3, width)))
+    for r in range(3):
+        prompts[r, pad[r]:] = np.asarray(seq[r, : lengths[r]])
+    cache_len = width + T_LONG
+    logits, cache = prefill(config, params, jnp.asarray(prompts), jnp.asarray(pad, jnp.int32), cache_len)
     rows = np.arange(3)
-    np.testing.assert_allclose(logits, full[rows, np.asarray(lengths) - 1], rtol=0, atol=FP32_ATOL)
-    for j in range(T_LONG - prompt_len):
+    np.testing.assert_allclose(logits, full[rows, lengths - 1], rtol=0, atol=FP32_ATOL)
+    for j in range(T_LONG - width):
         pos = lengths + j
-        logits, cache = step(config, params, seq[rows, pos], pos, cache)
-        np.testing.assert_allclose(logits, full[rows, np.asarray(pos)], rtol=0, atol=FP32_ATOL,
-                                   err_msg=f"decode step {j}, positions {np.asarray(pos)}")
+        logits, cache = step(config, params, seq[rows, pos], width + j, jnp.asarray(pad, jnp.int32), cache)
+        np.testing.assert_allclose(logits, full[rows, pos], rtol=0, atol=FP32_ATOL,
+                                   err_msg=f"decode step {j}, positions {pos}")
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
