@@ -28,7 +28,7 @@ from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
 GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
-SOURCES = ("sft", "mid")
+SOURCES = ("sft", "mid", "demo")
 ADVANTAGES = ("mean", "zscore")
 TOKEN_NORMS = ("pass", "global")
 BUILTIN_TASKS = ("gsm8k", "arith", "demo")
@@ -66,8 +66,8 @@ class RLConfig:
 
     # ---- nanochat scripts/chat_rl.py (SPEC §7.1) ----
     run: str = _nc("dummy", 'Run name for logging; "dummy" disables wandb (as nanochat).')
-    source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir "
-                      "(chatsft_checkpoints or mid_checkpoints).", SOURCES)
+    source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
+                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py).', SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
     device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).")
@@ -115,6 +115,9 @@ class RLConfig:
                          "tokens of the step.", choices=TOKEN_NORMS)
     train_on_end_token: bool = _f(False, "Also train on the final <|assistant_end|> token "
                                   "(nanochat never does, SPEC §9 quirk 3).")
+    train_chunk_rows: int = _f(0, "Rows per forward/backward on each device; 0 = device_batch_size "
+                               "(nanochat's memory use). Larger is faster on accelerators; the loss is "
+                               "still normalised per device_batch_size pass. Must divide each device's rows.")
     eval_num_samples: int | None = _f(None, "pass@k samples per question (k = 1..this); "
                                       "None = device_batch_size, as nanochat.")
     eval_seed: int = _f(42, "Sampling seed of pass@k, the same for every question and every "
@@ -123,6 +126,14 @@ class RLConfig:
                                   "with an error after this many consecutive ones.")
     log_every: int = _f(1, "Print and log the step metrics every this many steps.")
     export_nanochat: bool = _f(True, "Also write nanochat-format .pt checkpoints (needs torch).")
+
+    # ---- jaxrl: the built-in task and the demo's warm start (source = "demo") ----
+    arith_difficulty: int = _f(2, 'Built-in "arith"/"demo" task: the most calculator steps per problem (1-3).')
+    warmstart_steps: int = _f(600, "Most supervised warm-start steps of the demo model before RL.")
+    warmstart_batch_size: int = _f(32, "Demonstrations per warm-start step (a multiple of device_batch_size).")
+    warmstart_eval_every: int = _f(50, "Run pass@k (as the RL eval) every this many warm-start steps.")
+    warmstart_pass1_min: float = _f(0.3, "The warm start stops at the first eval whose pass@1 reaches this.")
+    warmstart_pass1_max: float = _f(0.5, "Top of the pass@1 band RL should start from; overshooting it is reported.")
 
     # ---- jaxrl: multi-host ----
     coordinator_address: str | None = _f(None, 'jax.distributed coordinator "host:port"; '
@@ -316,12 +327,14 @@ def load_config(argv: list[str]) -> RLConfig:
 _RANGES = (  # (fields, predicate on a non-None value, the requirement in words)
     (("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
       "save_every", "eval_every", "eval_examples", "log_every", "num_steps", "eval_num_samples",
-      "num_processes"), lambda v: v >= 1, "a positive integer"),
-    (("top_k", "seed", "eval_seed", "max_nonfinite_skips", "model_step", "process_id"),
+      "num_processes", "warmstart_steps", "warmstart_batch_size", "warmstart_eval_every"), lambda v: v >= 1,
+     "a positive integer"),
+    (("arith_difficulty",), lambda v: 1 <= v <= 3, "1, 2 or 3"),
+    (("top_k", "seed", "eval_seed", "max_nonfinite_skips", "model_step", "process_id", "train_chunk_rows"),
      lambda v: v >= 0, ">= 0"),
     (("temperature", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
      lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    (("init_lr_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("init_lr_frac", "warmstart_pass1_min", "warmstart_pass1_max"), lambda v: 0 < v <= 1, "in (0, 1]"),
 )
 
 
@@ -340,6 +353,9 @@ def _problems(c: RLConfig, world_size: int) -> list[str]:
         divisors = ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
         p.append(f"num_samples ({n}) must be a multiple of device_batch_size ({d}): set num_samples "
                  f"to {_near_multiples(n, d)}, or device_batch_size to a divisor of {n} ({divisors})")
+    if c.train_chunk_rows and c.device_batch_size >= 1 and c.train_chunk_rows % c.device_batch_size:
+        p.append(f"train_chunk_rows ({c.train_chunk_rows}) must be a multiple of device_batch_size "
+                 f"({c.device_batch_size}): set it to {_near_multiples(c.train_chunk_rows, c.device_batch_size)} or 0")
     if world_size < 1:
         p.append(f"world_size must be >= 1, found {world_size}")
     elif c.examples_per_step >= 1 and c.examples_per_step % world_size:
@@ -352,6 +368,8 @@ def _problems(c: RLConfig, world_size: int) -> list[str]:
     elif c.task not in BUILTIN_TASKS and c.data_dir is not None:
         p.append(f"task is a directory ({c.task!r}) and data_dir is also set ({c.data_dir!r}): "
                  f"set only one (data_dir is for the named tasks {', '.join(BUILTIN_TASKS)})")
+    if c.warmstart_pass1_min > c.warmstart_pass1_max:
+        p.append(f"warmstart_pass1_min {c.warmstart_pass1_min} > warmstart_pass1_max {c.warmstart_pass1_max}: swap them")
     if c.coordinator_address is not None and ":" not in c.coordinator_address:
         p.append(f"coordinator_address must be host:port, found {c.coordinator_address!r}")
     if c.num_processes is not None and c.process_id is not None and c.process_id >= c.num_processes:

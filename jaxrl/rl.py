@@ -41,6 +41,11 @@ class LossSpec:
     num_passes: int  # micro-batches per question: num_samples // device_batch_size
     examples_per_step: int  # questions per optimizer step, all devices together
     token_norm: str = "pass"  # "pass" (nanochat) | "global"
+    chunk_rows: int = 0  # rows per forward/backward on a device (0: device_batch_size); memory knob only
+
+    def __post_init__(self):
+        if self.chunk_rows == 0:
+            object.__setattr__(self, "chunk_rows", self.device_batch_size)
 
 
 class Batch(NamedTuple):
@@ -88,56 +93,69 @@ def build_batch(sequences, masks, advantages_, pad_id: int, *, sampler_logp=None
     return Batch(ids[:, :-1], targets, np.asarray(advantages_, np.float32), lp[:, 1:])
 
 
-def _microbatch_terms(config, params, inputs, targets, adv, sampler_logp):
-    """Σ logp·adv over one micro-batch, its valid-token count, and the logp mismatch terms."""
+def row_weights(targets, advantages, spec: "LossSpec", n_global_tokens):
+    """Per-row weight w[r] such that the objective is Σ_r Σ_t logp[r,t]·w[r] (targets >= 0).
+
+    "pass" (nanochat): w = adv / (N_pass · num_passes · examples_per_step), N_pass = valid
+    targets of the row's pass of device_batch_size rows. "global": w = adv / N_step.
+    """
+    if spec.token_norm == "global":
+        return advantages / n_global_tokens
+    dbs = spec.device_batch_size
+    counts = jnp.sum(targets >= 0, axis=1).reshape(-1, dbs).sum(axis=1).astype(jnp.float32)
+    per_pass = jnp.maximum(counts, 1.0) * (spec.num_passes * spec.examples_per_step)
+    return advantages / jnp.repeat(per_pass, dbs, total_repeat_length=targets.shape[0])
+
+
+def _chunk_terms(config, params, inputs, targets, weights, sampler_logp):
+    """−objective of one chunk of rows, its valid-token count, and the logp mismatch sum."""
     logits = gpt.forward(config, params, inputs)
     nll = gpt.nll_from_logits(logits, targets)
     valid = targets >= 0
-    weighted = jnp.sum(-nll * adv[:, None])
+    loss = jnp.sum(nll * weights[:, None])  # = −Σ logp·w; nll is 0 where target is -1
     mismatch = jnp.sum(jnp.where(valid, jnp.abs(-nll - sampler_logp), 0.0))
-    return weighted, jnp.sum(valid).astype(jnp.float32), mismatch
+    return loss, (jnp.sum(valid).astype(jnp.float32), mismatch)
 
 
-def _local_grads(config, spec: LossSpec, params, batch: Batch, n_global_tokens):
-    """Gradient of −objective over this device's rows, scanned over micro-batches."""
-    dbs = spec.device_batch_size
-    mb = jax.tree.map(lambda a: a.reshape(-1, dbs, *a.shape[1:]), batch)
-    denom = spec.num_passes * spec.examples_per_step
+def _local_grads(config, spec: "LossSpec", params, batch: Batch, n_global_tokens):
+    """Gradient of −objective over this device's rows, scanned over chunks of `spec.chunk_rows`.
 
-    def loss_fn(p, x):
-        weighted, count, mismatch = _microbatch_terms(config, p, x.inputs, x.targets, x.advantages, x.sampler_logp)
-        norm = jnp.maximum(count, 1.0) * denom if spec.token_norm == "pass" else n_global_tokens
-        return -weighted / norm, (count, mismatch)
+    The normalisation is nanochat's per pass of device_batch_size rows whatever the chunk size, so
+    `chunk_rows` only trades memory for speed (bigger chunks: fewer, larger kernels).
+    """
+    weights = row_weights(batch.targets, batch.advantages, spec, n_global_tokens)
+    chunk = min(spec.chunk_rows, batch.inputs.shape[0])
+    data = (batch.inputs, batch.targets, weights, batch.sampler_logp)
+    data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
+    n = data[0].shape[0]
+    grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, p, *x), has_aux=True)
 
     def body(acc, x):
-        (loss, (count, mismatch)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
         stack, i, l, c, mm = acc
+        (loss, (count, mismatch)), g = grad_fn(params, x)
         return (_push_pairwise(stack, g, i), i + 1, l + loss, c + count, mm + mismatch), None
 
-    n_mb = batch.inputs.shape[0] // dbs
-    levels = max(1, (n_mb - 1).bit_length() + 1)
+    levels = max(1, (n - 1).bit_length() + 1)
     stack = jax.tree.map(lambda p: jnp.zeros((levels, *p.shape), p.dtype), params)
-    (stack, _, loss, count, mismatch), _ = jax.lax.scan(body, (stack, 0, 0.0, 0.0, 0.0), mb)
-    return _pop_pairwise(stack, n_mb), loss, count, mismatch
+    (stack, _, loss, count, mismatch), _ = jax.lax.scan(body, (stack, 0, 0.0, 0.0, 0.0), data)
+    return _pop_pairwise(stack, n), loss, count, mismatch
 
 
 def _push_pairwise(stack, g, i):
-    """Add micro-batch gradient `g` (index i) to a binary-counter stack of aligned block sums.
+    """Add chunk gradient `g` (index i) to a binary-counter stack of aligned block sums.
 
-    Level l holds the sum of the last complete aligned block of 2**l micro-batches. Summing in
-    this fixed pairwise tree (instead of left to right) makes the total independent of how the
-    micro-batches are split over devices: each device's sum is a subtree of the same tree.
+    Level l holds the sum of the last complete aligned block of 2**l chunks. Summing in this
+    fixed pairwise tree (instead of left to right) makes the total independent of how chunks are
+    split over devices: each device's sum is a subtree of the same tree. Only the levels that
+    merge are read (trailing ones of i) and one level is written, in place.
     """
+    carries = jnp.int32(0)
+    for lvl in range(jax.tree.leaves(stack)[0].shape[0]):  # trailing ones of i
+        carries = carries + jnp.where((i + 1) % (2 ** (lvl + 1)) == 0, 1, 0)
+
     def one(st, gl):
-        new, active = gl, True
-        for lvl in range(st.shape[0]):
-            bit = (i >> lvl) & 1
-            merge = active & (bit == 1)
-            keep = active & (bit == 0)
-            st = st.at[lvl].set(jnp.where(keep, new, st[lvl]))
-            new = jnp.where(merge, st[lvl] + new, new)
-            active = merge
-        return st
+        new = jax.lax.fori_loop(0, carries, lambda l, acc: jax.lax.dynamic_index_in_dim(st, l, 0, False) + acc, gl)
+        return jax.lax.dynamic_update_index_in_dim(st, new, carries, 0)
 
     return jax.tree.map(one, stack, g)
 
