@@ -1,0 +1,97 @@
+"""Run logging: `print0`, and one writer for metrics.jsonl, TensorBoard events and (optionally) wandb.
+
+Every row is a flat dict of scalars with `step`, `event` ("step" or "eval") and `phase`
+("warmstart" or "rl"). Only process 0 writes. wandb is used only when the run name is not
+"dummy" and wandb is importable, as nanochat's DummyWandb rule.
+
+Test: `pytest tests/test_train_smoke.py` (checks the files a run leaves).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def _clean(value):
+    """JSON-safe scalar: numpy/jax scalars to Python, non-finite floats kept as strings."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends rows to <run_dir>/metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, run_dir: str | Path, run_name: str = "dummy", config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.active = is_main()
+        self._tb = self._wandb = None
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboardX is a core dependency; tolerate its absence anyway
+            print0("tensorboardX is not installed: no TensorBoard events")
+        if run_name != "dummy":
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project="jaxrl", name=run_name, config=config or {})
+            except Exception as e:  # wandb missing or not logged in: jsonl and TensorBoard still work
+                print0(f"wandb disabled ({type(e).__name__}: {e})")
+
+    def log(self, row: dict):
+        if not self.active:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        step = int(row.get("step", 0))
+        prefix = f"{row.get('phase', 'rl')}/{row.get('event', 'step')}/"
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                if self._tb is not None:
+                    self._tb.add_scalar(prefix + k, v, step)
+        if self._tb is not None:
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self):
+        if not self.active:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows of <run_dir>/metrics.jsonl (a truncated last line from a killed run is skipped)."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,116 @@
+"""Host orchestration of one RL round: questions → prompts → sampler → rewards → padded batch.
+
+The sampler never sees strings; this module is where token ids, conversations, the task's reward
+and the sampler meet. It also holds pass@k evaluation, which is the same round without training.
+
+Test: `pytest tests/test_rl.py tests/test_evaluate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from jaxrl import rl, sampler
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """All rows of one round, question-major (row = question * num_samples + sample)."""
+
+    sequences: list[list[int]]  # prompt + kept tokens
+    masks: list[list[int]]
+    rewards: np.ndarray  # (R,) f32
+    correct: np.ndarray  # (Q, N) bool
+    prompt_lens: list[int]  # per question
+    sampler_logp: list[np.ndarray]  # per row, one value per generated token
+    ended: np.ndarray  # (R,) bool: the row emitted <|assistant_end|>/<|bos|> before max_new_tokens
+    gen_tokens: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArgs:
+    num_samples: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+
+
+def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, tool, step: int, mesh=None,
+              chunk: int | None = None) -> RoundResult:
+    """Sample `args.num_samples` completions for each task index and score them with the task's reward.
+
+    `chunk` limits how many questions go into one sampler call (evaluation over hundreds of
+    questions); training passes all questions of a step at once.
+    """
+    t0 = time.perf_counter()
+    specials = sampler.SpecialIds.from_tokenizer(tokenizer)
+    conversations = [task[int(i)] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    chunk = chunk or len(prompts)
+    N = args.num_samples
+    seqs, masks, logps, ended, gen_tokens = [], [], [], [], 0
+    for a in range(0, len(prompts), chunk):
+        part = prompts[a: a + chunk]
+        ro, _ = sampler.sample(config, params, part, num_samples=N, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
+                               specials=specials, step=step, example_ids=[int(i) for i in indices[a: a + chunk]],
+                               mesh=mesh)
+        s, m = sampler.assemble(part, ro, N)
+        for q in range(len(part)):
+            seqs += s[q]
+            masks += m[q]
+        for r in range(len(part) * N):
+            n = int(ro.length[r])
+            logps.append(ro.logp[r, :n])
+            ended.append(n < args.max_new_tokens)  # every column holds a kept token until the terminal one
+        gen_tokens += int(ro.length.sum())
+    rewards = np.zeros(len(seqs), np.float32)
+    for r, seq in enumerate(seqs):
+        q = r // N
+        rewards[r] = task.reward(conversations[q], tokenizer.decode(seq[len(prompts[q]):]))
+    return RoundResult(seqs, masks, rewards, (rewards > 0).reshape(-1, N), [len(p) for p in prompts], logps,
+                       np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0)
+
+
+def make_batch(result: RoundResult, num_samples: int, pad_id: int, *, advantage: str = "mean",
+               train_on_end_token: bool = False, end_id: int | None = None) -> rl.Batch:
+    adv = rl.advantages(result.rewards, num_samples, advantage)
+    return rl.build_batch(result.sequences, result.masks, adv, pad_id, sampler_logp=result.sampler_logp,
+                          end_rows=result.ended if train_on_end_token else None, end_id=end_id)
+
+
+# ------------------------------------------------------------------------------------------
+# pass@k
+
+
+def pass_at_k_first(correct: np.ndarray) -> dict[str, float]:
+    """nanochat's estimator: fraction of questions with a correct answer among the FIRST k samples."""
+    correct = np.asarray(correct, bool)
+    n = correct.shape[1]
+    return {f"pass@{k}": float(np.mean(correct[:, :k].any(axis=1))) for k in range(1, n + 1)}
+
+
+def pass_at_k_unbiased(correct: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """Chen et al. (2021) unbiased pass@k = 1 − C(n−c, k)/C(n, k) per question, averaged,
+    with a normal-approximation 95% interval over questions: {k: (mean, low, high)}."""
+    correct = np.asarray(correct, bool)
+    Q, n = correct.shape
+    c = correct.sum(axis=1)
+    out = {}
+    for k in range(1, n + 1):
+        per_q = np.array([1.0 - _comb_ratio(n - ci, n, k) for ci in c])
+        mean = float(per_q.mean())
+        half = 1.96 * float(per_q.std(ddof=1)) / np.sqrt(Q) if Q > 1 else 0.0
+        out[f"pass@{k}"] = (mean, max(0.0, mean - half), min(1.0, mean + half))
+    return out
+
+
+def _comb_ratio(a: int, n: int, k: int) -> float:
+    """C(a, k) / C(n, k), computed as a product to stay finite."""
+    if a < k:
+        return 0.0
+    return float(np.prod([(a - i) / (n - i) for i in range(k)]))

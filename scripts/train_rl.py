@@ -1,0 +1,202 @@
+"""nanochat's RL stage (scripts/chat_rl.py) in JAX: REINFORCE on GSM8K-format tasks with the calculator.
+
+    python scripts/train_rl.py --config scripts/configs/arith_tiny.toml [--key=value ...] [--resume]
+
+Each step: pass@k eval when step % eval_every == 0 (and once after the last step), rollouts of
+examples_per_step questions x num_samples samples in one sampler call, rewards, one jitted
+REINFORCE update sharded over every device, logging, and a checkpoint every save_every steps.
+Every key is documented in docs/configs.md; `--help` lists them.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jaxrl.config import load_config, save_config  # noqa: E402  (no jax import yet)
+
+cfg = load_config(sys.argv[1:])
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import common  # noqa: E402
+from jaxrl import distributed, optim, rl, rollout, sampler, sharding  # noqa: E402
+from jaxrl.calculator import use_calculator  # noqa: E402
+from jaxrl.checkpoint import CheckpointManager, check_resume_compatible  # noqa: E402
+from jaxrl.config import format_config  # noqa: E402
+from jaxrl.metrics import MetricsWriter, print0  # noqa: E402
+
+# ------------------------------------------------------------------------------------------
+# Runtime: processes, devices, run directory
+
+distributed.initialize(cfg)
+mesh = sharding.make_mesh()
+local_mesh = sharding.make_mesh(jax.local_devices())
+world = sharding.data_size(mesh)
+cfg.validate(world_size=jax.process_count())
+rows_per_device = cfg.examples_per_step * cfg.num_samples // world
+if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % (cfg.train_chunk_rows or cfg.device_batch_size):
+    raise SystemExit(f"examples_per_step x num_samples = {cfg.examples_per_step * cfg.num_samples} rows do not split into "
+                     f"whole passes of {cfg.train_chunk_rows or cfg.device_batch_size} rows on each of {world} devices: "
+                     f"make examples_per_step a multiple of {world}, or set train_chunk_rows to a divisor of the rows per device")
+run_dir = Path(cfg.out_dir) / cfg.run
+print0(f"run directory: {run_dir.resolve()}")
+print0(f"devices: {world} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), jax {jax.__version__}")
+print0(format_config(cfg))
+
+# ------------------------------------------------------------------------------------------
+# Policy, tokenizer, tasks
+
+if cfg.source == "demo":
+    from jaxrl import warmstart
+
+    model_config, params, tokenizer, policy_info = warmstart.demo_policy(cfg, run_dir, mesh)
+else:
+    model_config, params, tokenizer, policy_info = common.load_policy(
+        cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
+        tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
+model_config = model_config.replace(compute_dtype=cfg.dtype)
+if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
+    print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
+train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
+test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
+num_steps = cfg.resolve_num_steps(len(train_task))
+print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
+       f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
+specials = sampler.SpecialIds.from_tokenizer(tokenizer)
+tool = sampler.ToolBridge(tokenizer, use_calculator, queue_len=cfg.max_new_tokens + 2)
+
+# ------------------------------------------------------------------------------------------
+# Optimizer, state, resume
+
+optimizer = optim.build_optimizer(model_config, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                  matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                                  init_lr_frac=cfg.init_lr_frac, num_steps=num_steps)
+params = jax.device_put(params, sharding.replicated(mesh))
+opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
+ckpt = CheckpointManager(run_dir / "checkpoints")
+start_step, consecutive_skips = 0, 0
+if cfg.resume and ckpt.latest_step() is not None:
+    allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())  # refuse before touching state
+    state, meta = ckpt.restore(None, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
+                               sharding=sharding.replicated(mesh))
+    params, opt_state = state["params"], state["opt_state"]
+    start_step = meta["next_step"]
+    print0(f"resumed from {ckpt.directory} step {meta['step']} (next step {start_step}); safe changes: {allowed or 'none'}")
+elif cfg.resume:
+    print0(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+if jax.process_index() == 0:
+    common.write_run_record(run_dir, model_config, policy_info)
+    save_config(cfg, run_dir / "config.toml")
+writer = MetricsWriter(run_dir, cfg.run, cfg.to_dict())
+loss_spec = rl.LossSpec(cfg.device_batch_size, cfg.num_samples // cfg.device_batch_size, cfg.examples_per_step,
+                        cfg.token_norm, cfg.train_chunk_rows)
+train_step = rl.compiled_train_step(model_config, loss_spec, optimizer, mesh)
+train_args = rollout.SamplingArgs(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
+eval_n = cfg.eval_num_samples or cfg.device_batch_size
+eval_args = rollout.SamplingArgs(eval_n, cfg.max_new_tokens, 1.0, cfg.top_k, cfg.eval_seed)
+
+
+def local_view(tree):
+    """Process-local copy of replicated arrays: sampling runs on this process's devices only."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), tree), sharding.replicated(local_mesh))
+
+
+def evaluate(step: int):
+    """nanochat's pass@k (first k of n) on the first eval_examples test questions, plus unbiased pass@k."""
+    n = min(cfg.eval_examples, len(test_task))
+    mine = distributed.process_share(np.arange(n))
+    res = rollout.run_round(model_config, local_view(params), tokenizer, test_task, mine, eval_args, tool=tool,
+                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n))
+    correct = distributed.gather_rows(res.correct)
+    row = {"step": step, "event": "eval", "phase": "rl", "eval_examples": int(correct.shape[0])}
+    row.update(rollout.pass_at_k_first(correct))
+    for k, (mean, lo, hi) in rollout.pass_at_k_unbiased(correct).items():
+        row.update({f"unbiased_{k}": mean, f"unbiased_{k}_lo": lo, f"unbiased_{k}_hi": hi})
+    writer.log(row)
+    print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {row[f'pass@{k}']:.4f}" for k in range(1, eval_n + 1)))
+    return row
+
+
+def save(step: int):
+    """Checkpoint the state after step `step`'s update (resume continues at step + 1), then export."""
+    meta = {"step": step, "next_step": step + 1, "config": cfg.to_dict(), "cursor": (step + 1) * cfg.examples_per_step,
+            "model_config": model_config.to_dict(), "seed": cfg.seed}
+    ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
+    if cfg.export_nanochat and jax.process_index() == 0:
+        common.export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop
+
+inject_nan_step = int(os.environ.get("JAXRL_INJECT_NAN_STEP", "-1"))  # test hook for the non-finite path
+bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=jax.process_index() != 0,
+           desc="rl", dynamic_ncols=True)
+last_eval = None
+for step in bar:
+    if step % cfg.eval_every == 0:
+        last_eval = evaluate(step)
+    # -- rollouts: this process's share of the step's questions, on its own devices
+    first = step * cfg.examples_per_step
+    questions = np.array([(first + j) % len(train_task) for j in range(cfg.examples_per_step)])
+    mine = distributed.process_share(questions)
+    res = rollout.run_round(model_config, local_view(params), tokenizer, train_task, mine, train_args, tool=tool,
+                            step=step, mesh=local_mesh)
+    t_reward = time.perf_counter()
+    batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
+                               train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
+    if step == inject_nan_step:
+        batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
+    batch = distributed.global_batch(batch, mesh, specials.assistant_end)
+    reward_s = time.perf_counter() - t_reward
+    # -- update
+    t0 = time.perf_counter()
+    params, opt_state, m = train_step(params, opt_state, batch)
+    m = jax.device_get(m)
+    train_s = time.perf_counter() - t0
+    mean_reward = distributed.mean_scalar(float(res.rewards.mean()))
+    seq_len = distributed.mean_scalar(float(np.mean([len(s) for s in res.sequences])))
+    row = {"step": step, "event": "step", "phase": "rl", "reward": mean_reward, "seq_len": seq_len,
+           "loss": float(m.loss), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+           "logp_mismatch": float(m.logp_mismatch), "rollout_s": res.seconds, "reward_s": reward_s,
+           "train_s": train_s, "gen_tokens_per_s": distributed.sum_scalar(res.gen_tokens) / max(res.seconds, 1e-9),
+           "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
+    row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(
+        model_config, step, num_steps=num_steps, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+        matrix_lr=cfg.matrix_lr, init_lr_frac=cfg.init_lr_frac).items()})
+    if m.skipped:
+        consecutive_skips += 1
+        print0(f"Step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}: update skipped "
+               f"(questions {questions.tolist()}); {consecutive_skips} in a row")
+        row["skipped_questions"] = questions.tolist()
+    else:
+        consecutive_skips = 0
+    writer.log(row)
+    print0(f"Step {step}/{num_steps} | Average reward: {mean_reward:.4f} | Average sequence length: {seq_len:.2f} | "
+           f"loss {row['loss']:.6f} | {row['gen_tokens_per_s']:.0f} tok/s | rollout {res.seconds:.2f}s train {train_s:.2f}s")
+    bar.set_postfix(reward=f"{mean_reward:.3f}", pass1=f"{last_eval['pass@1']:.3f}" if last_eval else "-")
+    if consecutive_skips >= cfg.max_nonfinite_skips:
+        save(step)  # the skipped updates left params as the last good state
+        print0(f"stopping: {consecutive_skips} consecutive non-finite steps (max_nonfinite_skips); "
+               f"last good state saved as step {step} in {ckpt.directory}")
+        sys.exit(3)
+    if (step > 0 and step % cfg.save_every == 0) or step == num_steps - 1:
+        save(step)
+
+# ------------------------------------------------------------------------------------------
+# Final evaluation (nanochat skips it; users want the final number) and report
+
+if start_step < num_steps or last_eval is None:
+    evaluate(num_steps)
+writer.close()
+if jax.process_index() == 0:
+    from plot_metrics import plot_run
+
+    print0(f"report: {plot_run(run_dir)}")
+print0(f"done: {run_dir.resolve()}")
