@@ -281,12 +281,16 @@ def assemble(prompts, rollout: Rollout, num_samples):
     return seqs, masks
 
 
-def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0):
-    """Stable API: nested lists [prompt][sample] of token ids and masks, as nanochat's generate_batch."""
+def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0,
+             mesh=None):
+    """Stable API: nested lists [prompt][sample] of token ids and masks, as nanochat's generate_batch.
+
+    `mesh` (optional, jaxrl.sharding.make_mesh()) splits the rows over its devices.
+    """
     specials = SpecialIds.from_tokenizer(tokenizer)
     tool = _tool_for(tokenizer, max_new_tokens + 2, config.generation)
     rollout, _ = sample(config, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials)
+                        temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials, mesh=mesh)
     return assemble(prompts, rollout, num_samples)
 
 

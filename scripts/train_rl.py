@@ -7,6 +7,7 @@ examples_per_step questions x num_samples samples in one sampler call, rewards, 
 REINFORCE update sharded over every device, logging, and a checkpoint every save_every steps.
 Every key is documented in docs/configs.md; `--help` lists them.
 """
+import functools
 import os
 import sys
 import time
@@ -67,7 +68,8 @@ num_steps = cfg.resolve_num_steps(len(train_task))
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
 specials = sampler.SpecialIds.from_tokenizer(tokenizer)
-tool = sampler.ToolBridge(tokenizer, use_calculator, queue_len=cfg.max_new_tokens + 2)
+tool = sampler.ToolBridge(tokenizer, functools.partial(use_calculator, generation=model_config.generation),
+                          queue_len=cfg.max_new_tokens + 2)
 
 # ------------------------------------------------------------------------------------------
 # Optimizer, state, resume
