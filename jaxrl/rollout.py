@@ -40,11 +40,13 @@ class SamplingArgs:
 
 
 def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, tool, step: int, mesh=None,
-              chunk: int | None = None) -> RoundResult:
+              chunk: int | None = None, same_keys_per_question: bool = False) -> RoundResult:
     """Sample `args.num_samples` completions for each task index and score them with the task's reward.
 
     `chunk` limits how many questions go into one sampler call (evaluation over hundreds of
-    questions); training passes all questions of a step at once.
+    questions); training passes all questions of a step at once. `same_keys_per_question` gives
+    every question the same sampling keys, as nanochat's pass@k seeds its generator with 42 for
+    every question (SPEC §9.6); training keys always differ per question.
     """
     t0 = time.perf_counter()
     specials = sampler.SpecialIds.from_tokenizer(tokenizer)
@@ -57,7 +59,8 @@ def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, t
         part = prompts[a: a + chunk]
         ro, _ = sampler.sample(config, params, part, num_samples=N, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
-                               specials=specials, step=step, example_ids=[int(i) for i in indices[a: a + chunk]],
+                               specials=specials, step=step,
+                               example_ids=[0 if same_keys_per_question else int(i) for i in indices[a: a + chunk]],
                                mesh=mesh)
         s, m = sampler.assemble(part, ro, N)
         for q in range(len(part)):

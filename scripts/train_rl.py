@@ -114,7 +114,7 @@ def evaluate(step: int):
     n = min(cfg.eval_examples, len(test_task))
     mine = distributed.process_share(np.arange(n))
     res = rollout.run_round(model_config, local_view(params), tokenizer, test_task, mine, eval_args, tool=tool,
-                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n))
+                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n), same_keys_per_question=True)
     correct = distributed.gather_rows(res.correct)
     row = {"step": step, "event": "eval", "phase": "rl", "eval_examples": int(correct.shape[0])}
     row.update(rollout.pass_at_k_first(correct))
