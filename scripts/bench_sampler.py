@@ -1,0 +1,134 @@
+"""`python scripts/bench.py sampler`: rollout speed of jaxrl.sampler.sample at several batch sizes.
+
+Per configuration (P prompts × S samples = R rows), each timed after a compiling first call:
+- `gen_tokens_per_s`: tokens kept by the sampler (sampled + forced) / the whole `sample` call
+  (prefill, decode loop, transfer back), median of `--repeats` calls with one seed;
+- `prefill_tokens_per_s`: prompt tokens / `model.prefill` jitted alone on the same padded prompts;
+- `ttft_s`: prefill + one decode step (decode time = call − prefill, over the decode steps): when
+  the first token has been sampled and fed back. The host sees tokens only when the call returns
+  (no streaming), so a caller waits `call_s` whatever the count;
+- `compile_s`: first call − median call;
+- tool: callbacks, host seconds inside them, and the time per decode step against the same call
+  with no tool (`tool_overhead_frac`);
+- `mbu`: decode steps × bytes one step must read / (call − prefill time) / the device's bandwidth;
+  bytes = weights in the compute dtype + prompt keys and values once per prompt (the sampler
+  shares them across a prompt's samples) + each row's generated keys and values (mean count).
+Test: `pytest tests/test_bench.py -k sampler`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+import bench_device
+from bench_setup import make_tool
+from jaxrl import model as gpt
+from jaxrl import sampler
+
+
+def configurations(args) -> list[tuple[int, int]]:
+    """(prompts, samples) pairs: the one given by --prompts/--num-samples, else the --rows sweep."""
+    if args.prompts or args.num_samples:
+        return [(args.prompts or 1, args.num_samples or 1)]
+    out = []
+    for rows in args.rows:
+        samples = min(rows, 16)
+        if rows % samples:
+            raise SystemExit(f"--rows {rows}: rows above 16 must be a multiple of 16 (prompts x 16 samples)")
+        out.append((rows // samples, samples))
+    return out
+
+
+def special_ids(ctx, ignore_eos: bool) -> sampler.SpecialIds:
+    specials = sampler.SpecialIds.from_tokenizer(ctx.tokenizer)
+    if ignore_eos:  # an id outside the vocabulary is never sampled: every row runs to max_new_tokens
+        never = ctx.config.vocab_size
+        specials = dataclasses.replace(specials, bos=never, assistant_end=never)
+    return specials
+
+
+def time_prefill(ctx, prompts, repeats: int) -> float:
+    """Median seconds of the sampler's prefill alone on the same left-padded prompt block."""
+    T = -(-max(len(p) for p in prompts) // sampler.PROMPT_BUCKET) * sampler.PROMPT_BUCKET
+    ids = np.zeros((len(prompts), T), np.int32)
+    pad = np.asarray([T - len(p) for p in prompts], np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = p
+    fn = jax.jit(gpt.prefill, static_argnums=(0, 4))
+    run = lambda: fn(ctx.config, ctx.params, ids, pad, T)  # noqa: E731
+    jax.block_until_ready(run())
+    return bench_device.median_time(run, repeats)[0]
+
+
+def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
+    prompts = [ctx.tokenizer.render_for_completion(ctx.task[i]) for i in range(P)]
+    tool = None if args.no_tool else make_tool(ctx, args.max_new_tokens + 2)
+    specials = special_ids(ctx, args.ignore_eos)
+
+    def call(max_new_tokens=args.max_new_tokens, tool=tool):
+        return sampler.sample(ctx.config, ctx.params, prompts, num_samples=S, max_new_tokens=max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
+                              specials=specials, mesh=ctx.mesh)
+
+    t0 = time.perf_counter()
+    call()
+    first_s = time.perf_counter() - t0
+    if tool is not None:
+        tool.reset()
+    results = []
+    call_s, _ = bench_device.median_time(lambda: results.append(call()), args.repeats)
+    ro, lengths = results[-1]
+    tool_stats = None if tool is None else (tool.callbacks, tool.expressions, tool.seconds)
+    gen = int(ro.length.sum())
+    steps = min(args.max_new_tokens, int(ro.length.max()) + 1)
+    prefill_s = time_prefill(ctx, prompts, args.repeats)
+    decode_s = max(call_s - prefill_s, 1e-9)
+    out = {"prompts": P, "num_samples": S, "rows": P * S, "prompt_len_mean": float(np.mean(lengths)),
+           "gen_tokens": gen, "decode_steps": steps, "call_s": call_s, "gen_tokens_per_s": gen / call_s,
+           "prefill_s": prefill_s, "prefill_tokens_per_s": float(np.sum(lengths)) / prefill_s,
+           "ttft_s": prefill_s + decode_s / steps,
+           "compile_s": max(first_s - call_s, 0.0)}
+    out.update(tool_figures(call, tool_stats, type(tool.bridge).__name__ if tool else "none", steps, decode_s,
+                            prefill_s, args.repeats))
+    bytes_step = bench_device.decode_bytes_per_step(ctx.config, P, P * S, out["prompt_len_mean"], (steps + 1) / 2)
+    achieved = steps * bytes_step / decode_s
+    out.update(decode_s=decode_s, bytes_per_step=bytes_step, achieved_bytes_per_s=achieved,
+               mbu=achieved / ceil["bytes_per_s"])
+    return out
+
+
+def tool_figures(call, stats, name: str, steps: int, decode_s: float, prefill_s: float, calls_seen: int) -> dict:
+    """Tool callbacks and host seconds per call, and the cost per decode step against no tool.
+
+    Per step, not per token: without the calculator the model writes other completions (other
+    lengths), but every step computes all rows whatever they hold.
+    """
+    if stats is None:
+        return {"tool": "none", "tool_callbacks": 0.0, "tool_expressions": 0.0, "tool_host_s": 0.0,
+                "notool_step_s": decode_s / steps, "tool_overhead_frac": 0.0}
+    callbacks, expressions, seconds = (x / calls_seen for x in stats)
+    call(tool=None)
+    results = []
+    notool_s, _ = bench_device.median_time(lambda: results.append(call(tool=None)), calls_seen)
+    ro, _ = results[-1]
+    notool_steps = min(ro.tokens.shape[1], int(ro.length.max()) + 1)
+    notool_step_s = max(notool_s - prefill_s, 1e-9) / notool_steps
+    return {"tool": name, "tool_callbacks": callbacks, "tool_expressions": expressions, "tool_host_s": seconds,
+            "notool_step_s": notool_step_s, "tool_overhead_frac": (decode_s / steps) / notool_step_s - 1.0}
+
+
+def run(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
+    """Every configuration; the record's top-level figures are the last (largest) one's."""
+    results = [run_one(ctx, args, P, S, ceil) for P, S in configurations(args)]
+    figures = dict(results[-1], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   ignore_eos=args.ignore_eos, sweep=results if len(results) > 1 else [])
+    headers = ["rows", "PxS", "gen tok/s", "prefill tok/s", "TTFT s", "compile s", "tool cb/call", "tool host s",
+               "tool overhead", "MBU"]
+    table = [[r["rows"], f"{r['prompts']}x{r['num_samples']}", f"{r['gen_tokens_per_s']:,.0f}",
+              f"{r['prefill_tokens_per_s']:,.0f}", f"{r['ttft_s']:.3f}", f"{r['compile_s']:.1f}",
+              f"{r['tool_callbacks']:.1f}", f"{r['tool_host_s']:.4f}", f"{100 * r['tool_overhead_frac']:+.1f}%",
+              f"{100 * r['mbu']:.1f}%"] for r in results]
+    return figures, headers, table

@@ -1,0 +1,93 @@
+"""scripts/bench.py: every subcommand runs its smallest configuration and ends with a complete JSON line.
+
+Run: python -m pytest tests/test_bench.py -q   (about a minute on 2 CPU cores: the four benchmarks
+run at once, each in its own process on one CPU device)
+
+The figures themselves are not checked (they are timings); only that each run finishes, that its
+last stdout line is one JSON object carrying the keys external checks read, and that `--out`
+appends the same line. Plus the counting helpers on nanochat's published d20 shape.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_device  # noqa: E402
+
+COMMON_KEYS = ("device", "jax_version", "model", "dtype", "rows", "shapes", "ceilings", "date")
+TINY = {
+    "sampler": ["--prompts", "1", "--num-samples", "2", "--max-new-tokens", "4", "--prompt-len", "8"],
+    "train": ["--rows", "2", "--seq-len", "16", "--device-batch-size", "1"],
+    "rl-step": ["--questions", "1", "--num-samples", "2", "--max-new-tokens", "4", "--prompt-len", "8",
+                "--device-batch-size", "2"],
+    "convert": [],
+}
+KEYS = {
+    "sampler": ("gen_tokens_per_s", "prefill_tokens_per_s", "compile_s", "mbu", "ttft_s", "tool_host_s",
+                "tool_overhead_frac"),
+    "train": ("tokens_per_s", "mfu", "tokens_per_s_one_pass", "mfu_one_pass", "optimizer_s", "train_step_s"),
+    "rl-step": ("step_s", "rollout_s", "reward_s", "train_s", "logging_s"),
+    "convert": ("import_s", "peak_rss_mb", "export_s", "load_s"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All four benchmarks at once (each mostly compiles); {name: (returncode, stdout, stderr, out file)}."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO))
+    procs = {}
+    for name, extra in TINY.items():
+        out = tmp / f"{name}.jsonl"
+        cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), name, "--model", "d4", "--repeats", "1",
+               "--out", str(out), *extra]
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True), out)
+    results = {}
+    for name, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        results[name] = (proc.returncode, stdout, stderr, out)
+    return results
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_subcommand_ends_with_complete_json(runs, name):
+    if name == "convert":
+        pytest.importorskip("torch")
+    code, stdout, stderr, out = runs[name]
+    assert code == 0, f"bench.py {name} failed ({code}):\n{stderr[-3000:]}"
+    last = stdout.strip().splitlines()[-1]
+    record = json.loads(last)
+    missing = [k for k in COMMON_KEYS + KEYS[name] if k not in record]
+    assert not missing, f"bench.py {name}: keys {missing} missing from {sorted(record)}"
+    assert record["bench"] == name and record["model"] == "d4" and record["dtype"] == "float32"
+    assert record["shapes"]["n_layer"] == 4
+    for key in KEYS[name]:
+        assert isinstance(record[key], (int, float)), f"{name}: {key} = {record[key]!r} is not a number"
+    assert out.read_text().splitlines() == [last], "--out must append exactly the final JSON line"
+
+
+def test_nanochat_shapes_and_counts():
+    config = bench_device.nanochat_config(20, "gen-2025-10", "bfloat16")
+    assert (config.n_embd, config.n_head, config.n_kv_head, config.vocab_size) == (1280, 10, 10, 65536)
+    total, matmul = bench_device.param_counts(config)
+    assert matmul == 20 * 12 * 1280**2 + 65536 * 1280  # blocks (4 attn + 2 MLP of 4x) + lm_head
+    assert total == matmul + 65536 * 1280  # + wte
+    later = bench_device.nanochat_config(12, "gen-2026-07", "float32")
+    assert (later.n_embd, later.n_head, later.vocab_size) == (768, 6, 32768)
+    assert bench_device.train_flops_per_token(config, 1) == 6 * matmul + 12 * 20 * 1280
+    # weights + 1 prompt of 10 positions + 2 rows x 3 generated positions, keys and values, bf16
+    assert bench_device.decode_bytes_per_step(config, 1, 2, 10, 3) == 2 * matmul + 16 * 20 * 2 * 1280 * 2
+
+
+def test_ceiling_table():
+    h100 = bench_device.table_ceilings("NVIDIA H100 80GB HBM3")
+    assert (h100["flops_per_s"], h100["bytes_per_s"]) == (989e12, 3.35e12)
+    assert bench_device.table_ceilings("TPU v5 lite")["flops_per_s"] == 197e12
+    assert bench_device.table_ceilings("TPU v5p")["flops_per_s"] == 459e12
+    assert bench_device.table_ceilings("cpu") is None
