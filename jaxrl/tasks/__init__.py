@@ -1,4 +1,5 @@
-"""RL tasks: a conversation source plus a reward. Only GSM8K-format tasks exist so far.
+"""RL tasks: a conversation source plus a reward. All are GSM8K-format: GSM8K itself, any folder of
+GSM8K-format jsonl, and the built-in generated arithmetic problems (`arith.ArithTask`).
 
 A task is anything with `len(task)`, `task[i] -> conversation` (nanochat's chat dict) and
 `task.reward(conversation, completion) -> float` (also `evaluate -> int`, `num_examples()`).
@@ -9,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 from jaxrl.tasks.gsm8k import GSM8K, evaluate, extract_answer, reward, row_to_conversation
 
-__all__ = ["GSM8K", "Task", "evaluate", "extract_answer", "load_task", "reward", "row_to_conversation"]
+__all__ = ["GSM8K", "Task", "evaluate", "extract_answer", "load_task", "open_task", "reward", "row_to_conversation"]
 
 
 @runtime_checkable
@@ -30,3 +31,15 @@ def load_task(name_or_dir: str | Path, split: str) -> GSM8K:
         return GSM8K(split, data_dir=name_or_dir)
     raise ValueError(f"unknown task {str(name_or_dir)!r}: pass 'gsm8k' (Hugging Face hub openai/gsm8k) "
                      f"or a directory holding {split}.jsonl in GSM8K format")
+
+
+def open_task(name: str, data_dir, split: str, *, difficulty: int = 2):
+    """A task by config name: "arith"/"demo" without data_dir is the built-in generator
+    (`ArithTask(split, difficulty)`); with data_dir, or "gsm8k", or a directory: `load_task`."""
+    if data_dir is not None:
+        return load_task(data_dir, split)
+    if name in ("arith", "demo"):
+        from jaxrl.tasks.arith import ArithTask
+
+        return ArithTask(split, difficulty=difficulty)
+    return load_task(name, split)

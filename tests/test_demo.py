@@ -1,0 +1,97 @@
+"""The demo end to end, shortened: `train_rl.py --config scripts/configs/demo.toml` with a 3-step
+warm start and 2 RL steps, in a subprocess on 2 simulated CPU devices. Checks every artifact the
+README promises: metrics.jsonl rows with a phase (the first RL eval before the first RL update),
+TensorBoard events, report.png, the orbax checkpoint, the tokenizer, and the nanochat export
+(loaded back with convert.load_nanochat when torch is installed). Hermetic: nothing from ../shared.
+
+Run: `python -m pytest tests/test_demo.py -q` (about two minutes on 2 CPU cores)
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SHORT = ["--num_steps=2", "--examples_per_step=8", "--warmstart_steps=3", "--warmstart_eval_every=3",
+         "--eval_every=1", "--eval_examples=8", "--save_every=1", "--max_new_tokens=48"]
+
+
+def _train_rl(tmp_path, *extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "scripts/train_rl.py", "--config", "scripts/configs/demo.toml",
+           f"--out_dir={tmp_path}", "--run=demo", *SHORT, *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    proc = _train_rl(tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, tmp / "demo", proc
+
+
+@pytest.mark.slow
+def test_metrics_rows_carry_phase_and_eval_comes_first(demo_run):
+    from jaxrl.metrics import read_metrics
+
+    _, run_dir, _ = demo_run
+    rows = read_metrics(run_dir)
+    assert len(rows) == len((run_dir / "metrics.jsonl").read_text().splitlines())  # every line parses
+    assert {r["phase"] for r in rows} == {"warmstart", "rl"}
+    assert all(r["event"] in ("step", "eval") for r in rows)
+    phases = [r["phase"] for r in rows]
+    assert phases == sorted(phases, key=lambda p: p == "rl")  # the warm start's rows come first
+    ws_steps = [r for r in rows if r["phase"] == "warmstart" and r["event"] == "step"]
+    assert [r["step"] for r in ws_steps] == [0, 1, 2] and all(r["loss"] > 0 for r in ws_steps)
+    ws_eval = [r for r in rows if r["phase"] == "warmstart" and r["event"] == "eval"]
+    assert [r["step"] for r in ws_eval] == [3] and 0 <= ws_eval[0]["unbiased_pass@1"] <= 1
+    rl = [r for r in rows if r["phase"] == "rl"]
+    first_eval = next(i for i, r in enumerate(rl) if r["event"] == "eval")
+    first_step = next(i for i, r in enumerate(rl) if r["event"] == "step")
+    assert first_eval < first_step and rl[first_eval]["step"] == 0
+    assert [r["step"] for r in rl if r["event"] == "eval"] == [0, 1, 2]
+    for r in rl:
+        if r["event"] == "eval":
+            assert {f"pass@{k}" for k in range(1, 9)} <= set(r) and "unbiased_pass@1_lo" in r
+        else:
+            assert 0 <= r["reward"] <= 1 and r["seq_len"] > 0
+
+
+@pytest.mark.slow
+def test_run_dir_artifacts(demo_run):
+    from jaxrl.checkpoint import CheckpointManager
+    from jaxrl.tokenizer import Tokenizer
+
+    _, run_dir, proc = demo_run
+    assert "warm start" in proc.stderr + proc.stdout and "rl" in proc.stderr  # the progress bars
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert CheckpointManager(run_dir / "checkpoints").latest_step() == 1
+    tok = Tokenizer.from_directory(run_dir / "tokenizer")
+    assert tok.get_vocab_size() == 512
+    assert (run_dir / "model.json").is_file() and (run_dir / "config.toml").is_file()
+
+
+@pytest.mark.slow
+def test_nanochat_export_loads(demo_run):
+    pytest.importorskip("torch")
+    from convert import load_nanochat
+
+    _, run_dir, _ = demo_run
+    assert (run_dir / "chatrl_checkpoints" / "d2" / "model_000001.pt").is_file()
+    config, params = load_nanochat(run_dir, source="rl")  # the run dir is a nanochat base dir
+    assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 128, 512)
+    assert config.generation == "gen-2026-07"
+
+
+@pytest.mark.slow
+def test_rerun_without_resume_is_refused_before_touching_the_run(demo_run):
+    tmp, run_dir, _ = demo_run
+    before = (run_dir / "metrics.jsonl").read_bytes(), (run_dir / "tokenizer" / "tokenizer.pkl").read_bytes()
+    proc = _train_rl(tmp)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+    assert ((run_dir / "metrics.jsonl").read_bytes(), (run_dir / "tokenizer" / "tokenizer.pkl").read_bytes()) == before
