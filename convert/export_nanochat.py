@@ -1,6 +1,6 @@
-"""Export a jaxrl import or trainer checkpoint directory as a nanochat checkpoint.
+"""Export a jaxrl import, trainer checkpoint or train_rl run directory as a nanochat checkpoint.
 
-Run: `python -m convert.export_nanochat runs/d20-rl/step_000100 --out ~/.cache/nanochat --base-dir`
+Run: `python -m convert.export_nanochat runs/d20-rl --out ~/.cache/nanochat --base-dir`
      `python -m convert.export_nanochat runs/d20-import --out out/d20 --phase sft --step 650`
 See `--help` and docs/checkpoints.md. Test: `pytest tests/test_convert.py -k round_trip`.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 
 from convert.export import PHASES, export_params, export_tokenizer
 from convert.layout import SOURCE_DIRS
-from jaxrl.checkpoint_io import CheckpointError, load_jaxrl_import
+from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_jaxrl_import, load_run_dir
 
 DESCRIPTION = """\
 Write the params of a jaxrl import directory (or of a trainer checkpoint directory holding the
-same model.json + params/) as nanochat's model_<step:06d>.pt + meta_<step:06d>.json: the source
+same model.json + params/, or of a train_rl run directory: its latest checkpoint) as nanochat's model_<step:06d>.pt + meta_<step:06d>.json: the source
 generation's key names and order, each tensor in the dtype it had in the imported checkpoint
 (default: what nanochat saves on GPU: bf16 embeddings, fp32 otherwise), and the meta fields that
 generation's chat_rl (--phase rl: only model_config) or chat_sft (--phase sft) writes.
@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert.export_nanochat", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="a jaxrl import dir or trainer checkpoint dir (holding model.json "
-                   "and params/)")
+                   "and params/), or a train_rl run dir (model.json and checkpoints/)")
     p.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write into, or with "
                    "--base-dir the nanochat base dir (created if missing)")
     p.add_argument("--step", type=int, default=None, help="step number in the file names and meta (default: the "
-                   "'step' recorded in SRC/model.json by the trainer, else the imported checkpoint's step)")
+                   "'step' recorded in SRC/model.json by the trainer, else the imported checkpoint's step); for a "
+                   "run dir, the checkpoint to export (default: its latest)")
     p.add_argument("--phase", choices=PHASES, default="rl", help="rl (default): meta is {'model_config': ...} as "
                    "chat_rl writes; sft: chat_sft's meta fields, keeping the imported meta's values")
     p.add_argument("--model-tag", default=None, metavar="TAG", help="with --base-dir: the model tag subdirectory "
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the export; errors propagate as CheckpointError/ValueError (the __main__ guard prints them)."""
     args = build_parser().parse_args(argv)
-    config, params, info = load_jaxrl_import(args.src)
+    if is_run_dir(args.src):  # a train_rl run: its latest checkpoint, or checkpoint --step
+        config, params, info = load_run_dir(args.src, args.step)
+    else:
+        config, params, info = load_jaxrl_import(args.src)
     source = info.get("source") or {}
     step = args.step if args.step is not None else info.get("step", source.get("step"))
     if step is None:

@@ -48,7 +48,7 @@ RESUME_BREAKING = (
 # Keys that only touch naming, logging, evaluation, saving or process layout.
 RESUME_SAFE = (
     "run", "out_dir", "resume", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
-    "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
+    "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
     "num_processes", "process_id",
 )
 
@@ -147,6 +147,22 @@ class CheckpointManager:
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()})
         try:
             out = self._mgr.restore(step, args=args)
+        except Exception as e:
+            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
+        return out[STATE], out[META]
+
+    def restore_saved(self, step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default latest) with the saved tree, every leaf on this process's
+        first device: for reading a run (eval, export, tests) on any device count, e.g. one CPU
+        device after a multi-host run; orbax alone refuses a topology that differs from the save's."""
+        step = self._existing_step(step)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        try:
+            saved = self._mgr.item_metadata(step)[STATE]
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                  getattr(saved, "tree", saved), is_leaf=lambda x: hasattr(x, "shape"))
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
         except Exception as e:
             raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
         return out[STATE], out[META]

@@ -35,6 +35,7 @@ MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.pkl", "token_bytes.pt")  # what nanochat keeps in <base>/tokenizer
+RUN_CHECKPOINTS = "checkpoints"  # a train_rl run dir: model.json, tokenizer/, checkpoints/<step>/
 
 
 class CheckpointError(ValueError):
@@ -131,6 +132,35 @@ def load_jaxrl_import(dir: str | os.PathLike) -> tuple[GPTConfig, Params, dict[s
     tok = d / TOKENIZER_DIR
     info["tokenizer_dir"] = str(tok) if (tok / TOKENIZER_FILES[0]).is_file() else None
     return config, params, info
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True if `path` is a train_rl run directory: model.json and checkpoints/."""
+    p = Path(path)
+    return (p / MODEL_JSON).is_file() and (p / RUN_CHECKPOINTS).is_dir()
+
+
+def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[GPTConfig, Params, dict[str, Any]]:
+    """The params of a train_rl run's latest (or given) checkpoint, with the run's model.json.
+
+    Returns (config, host float32 numpy params, info): model.json without "model_config", plus
+    "step" (the checkpoint's) and "tokenizer_dir" (<run_dir>/tokenizer if it holds tokenizer.pkl).
+    """
+    d = Path(run_dir).resolve()
+    record = read_model_json(d)
+    config = GPTConfig.from_dict(record["model_config"])
+    mgr = ocp.CheckpointManager(d / RUN_CHECKPOINTS)
+    step = mgr.latest_step() if step is None else step
+    if step is None or step not in mgr.all_steps():
+        raise CheckpointError(f"{d / RUN_CHECKPOINTS} holds no complete checkpoint "
+                              f"{'yet' if step is None else f'of step {step} (it has {sorted(mgr.all_steps())})'}")
+    raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(raw["state"]["params"]).items()}
+    check_param_shapes(config, {k: v.shape for k, v in flat.items()}, where=str(d / RUN_CHECKPOINTS / str(step)))
+    info = {k: v for k, v in record.items() if k != "model_config"}
+    tok = d / TOKENIZER_DIR
+    info.update(step=step, tokenizer_dir=str(tok) if (tok / TOKENIZER_FILES[0]).is_file() else None)
+    return config, unflatten_params(flat), info
 
 
 def read_model_json(dir: str | os.PathLike) -> dict[str, Any]:

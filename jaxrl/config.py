@@ -122,6 +122,8 @@ class RLConfig:
                                       "None = device_batch_size, as nanochat.")
     eval_seed: int = _f(42, "Sampling seed of pass@k, the same for every question and every "
                         "evaluation (nanochat: 42).")
+    eval_shared_keys: bool = _f(True, "pass@k samples every question with the same keys, as nanochat (seed 42 "
+                                "per question); false: independent keys per question, a far less noisy pass@1.")
     max_nonfinite_skips: int = _f(3, "A step with a non-finite loss or gradient is skipped; stop "
                                   "with an error after this many consecutive ones.")
     log_every: int = _f(1, "Print and log the step metrics every this many steps.")

@@ -8,7 +8,12 @@ one-process run on the same total device count.
 `initialize(cfg)` calls `jax.distributed.initialize` when the config or the environment asks for
 more than one process: `coordinator_address`/`num_processes`/`process_id` from the config, else
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else JAX's own auto-detection on
-SLURM and Cloud TPU. On CPU it selects the gloo collectives.
+SLURM and Cloud TPU. On CPU it selects the gloo collectives (rl.py's ppermute tree runs over them).
+
+Equality with one process: the update sums gradients in a fixed pairwise tree, so 2 processes x 2
+devices give the same bits as 1 process x 4 devices, provided XLA's CPU intra-op thread pool has
+the same size in both: XLA sizes it max(PJRT_NPROC or the core count, local devices), and Eigen
+splits long matmul contractions by that count. tests/test_multihost.py sets PJRT_NPROC=4.
 
 Test: `pytest tests/test_multihost.py` (two processes on 127.0.0.1).
 """
@@ -37,7 +42,8 @@ def initialize(cfg) -> None:
         if num not in (None, 1):
             raise ValueError(f"num_processes={num} needs coordinator_address (host:port of process 0)")
         return
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
+    cpu = os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu"
+    if cpu and hasattr(jax.config, "jax_cpu_collectives_implementation"):  # the default in recent jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address:
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)

@@ -13,9 +13,6 @@ from jaxrl import checkpoint_io
 from jaxrl import tasks
 from jaxrl.tokenizer import Tokenizer
 
-RUN_CHECKPOINTS = "checkpoints"
-
-
 def load_policy(path, *, generation=None, model_step=None, model_tag=None, tokenizer_dir=None, source="sft"):
     """-> (GPTConfig, params, Tokenizer, info dict with at least generation and tokenizer_dir)."""
     if path is None:
@@ -24,7 +21,7 @@ def load_policy(path, *, generation=None, model_step=None, model_tag=None, token
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"checkpoint {p} does not exist (resolved against the current directory {Path.cwd()})")
-    if (p / checkpoint_io.MODEL_JSON).is_file() and (p / RUN_CHECKPOINTS).is_dir():
+    if checkpoint_io.is_run_dir(p):
         config, params, info = _load_run_dir(p, model_step)
     elif checkpoint_io.is_jaxrl_import(p):
         config, params, info = checkpoint_io.load_jaxrl_import(p)
@@ -58,21 +55,12 @@ def _tokenizer_dir(p: Path, info: dict) -> Path:
 
 def _load_run_dir(run_dir: Path, step):
     """The params of a jaxrl run's latest (or given) checkpoint, with the run's model.json."""
-    from jaxrl.checkpoint import CheckpointManager
-    from jaxrl.model import GPTConfig
-
-    info = checkpoint_io.read_model_json(run_dir)
-    config = GPTConfig.from_dict(info["model_config"])
-    import orbax.checkpoint as ocp
-
-    mgr = CheckpointManager(run_dir / RUN_CHECKPOINTS)
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise SystemExit(f"{run_dir / RUN_CHECKPOINTS} holds no complete checkpoint yet")
-    raw = ocp.CheckpointManager((run_dir / RUN_CHECKPOINTS).resolve()).restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    print(f"loaded {run_dir} checkpoint step {step}", file=sys.stderr)
-    return config, raw["state"]["params"], info
+    try:
+        config, params, info = checkpoint_io.load_run_dir(run_dir, step)
+    except checkpoint_io.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"loaded {run_dir} checkpoint step {info['step']}", file=sys.stderr)
+    return config, params, info
 
 
 def open_task(task: str, data_dir, split: str, difficulty: int = 2):

@@ -5,19 +5,29 @@
 Each step: pass@k eval when step % eval_every == 0 (and once after the last step), rollouts of
 examples_per_step questions x num_samples samples in one sampler call, rewards, one jitted
 REINFORCE update sharded over every device, logging, and a checkpoint every save_every steps.
-Every key is documented in docs/configs.md; `--help` lists them.
+Every key is documented in docs/configs.md; `--help` lists them; docs/errors.md lists the bad inputs.
+
+Exit status: 0 done; 1 bad input (the message names the file/key and the fix); 3 stopped after
+max_nonfinite_skips consecutive non-finite steps (last good state saved); 4 a checkpoint or export
+could not be written (path and OS error printed; the previous checkpoint is intact).
+`--resume` continues bit-identically from the latest complete checkpoint (tests/test_resume.py).
 """
 import functools
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jaxrl.config import load_config, save_config  # noqa: E402  (no jax import yet)
+from jaxrl.config import ConfigError, load_config, save_config  # noqa: E402  (no jax import yet)
 
-cfg = load_config(sys.argv[1:])
+try:
+    cfg = load_config(sys.argv[1:])
+except ConfigError as e:  # a user error: its message, not a traceback
+    raise SystemExit(f"error: {e}") from None
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,9 +36,9 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from jaxrl import distributed, optim, rl, rollout, sampler, sharding  # noqa: E402
 from jaxrl.calculator import use_calculator  # noqa: E402
-from jaxrl.checkpoint import CheckpointManager, check_resume_compatible  # noqa: E402
+from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
-from jaxrl.metrics import MetricsWriter, print0  # noqa: E402
+from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Runtime: processes, devices, run directory
@@ -79,7 +89,23 @@ optimizer = optim.build_optimizer(model_config, unembedding_lr=cfg.unembedding_l
                                   init_lr_frac=cfg.init_lr_frac, num_steps=num_steps)
 params = jax.device_put(params, sharding.replicated(mesh))
 opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
-ckpt = CheckpointManager(run_dir / "checkpoints")
+ckpt = CheckpointManager(run_dir / "checkpoints")  # opening it deletes unfinished (killed) saves
+
+
+def forget_from(step: int):
+    """Resuming at `step`: drop the log rows of steps >= step (they are redone) and killed exports' temp files."""
+    if (run_dir / "metrics.jsonl").is_file():
+        rows = [r for r in read_metrics(run_dir) if r.get("step", 0) < step]
+        tmp = run_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, run_dir / "metrics.jsonl")
+    for stale in (run_dir / "chatrl_checkpoints").glob("d*/.*.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
 start_step, consecutive_skips = 0, 0
 if cfg.resume and ckpt.latest_step() is not None:
     allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())  # refuse before touching state
@@ -87,9 +113,17 @@ if cfg.resume and ckpt.latest_step() is not None:
                                sharding=sharding.replicated(mesh))
     params, opt_state = state["params"], state["opt_state"]
     start_step = meta["next_step"]
+    assert meta["cursor"] == start_step * cfg.examples_per_step, f"data cursor {meta['cursor']} != next step {start_step}"
+    if jax.process_index() == 0:
+        forget_from(start_step)
+        if cfg.export_nanochat:  # a kill between the checkpoint and its export left no export of this step
+            common.export_nanochat_or_warn(model_config, params, run_dir, meta["step"], policy_info)
     print0(f"resumed from {ckpt.directory} step {meta['step']} (next step {start_step}); safe changes: {allowed or 'none'}")
 elif cfg.resume:
     print0(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+elif ckpt.latest_step() is not None:
+    raise SystemExit(f"error: {ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): pass "
+                     "--resume to continue that run, or choose another run name or out_dir")
 if jax.process_index() == 0:
     common.write_run_record(run_dir, model_config, policy_info)
     save_config(cfg, run_dir / "config.toml")
@@ -114,7 +148,8 @@ def evaluate(step: int):
     n = min(cfg.eval_examples, len(test_task))
     mine = distributed.process_share(np.arange(n))
     res = rollout.run_round(model_config, local_view(params), tokenizer, test_task, mine, eval_args, tool=tool,
-                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n), same_keys_per_question=True)
+                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n),
+                            same_keys_per_question=cfg.eval_shared_keys)
     correct = distributed.gather_rows(res.correct)
     row = {"step": step, "event": "eval", "phase": "rl", "eval_examples": int(correct.shape[0])}
     row.update(rollout.pass_at_k_first(correct))
@@ -129,15 +164,22 @@ def save(step: int):
     """Checkpoint the state after step `step`'s update (resume continues at step + 1), then export."""
     meta = {"step": step, "next_step": step + 1, "config": cfg.to_dict(), "cursor": (step + 1) * cfg.examples_per_step,
             "model_config": model_config.to_dict(), "seed": cfg.seed}
-    ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
-    if cfg.export_nanochat and jax.process_index() == 0:
-        common.export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
+    try:
+        ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
+        if cfg.export_nanochat and jax.process_index() == 0:
+            common.export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
+    except (CheckpointError, OSError) as e:  # disk full, read-only folder: say where and why, keep the rest
+        print(f"error: {e}" if isinstance(e, CheckpointError) else f"error: the nanochat export of step {step} "
+              f"to {run_dir / 'chatrl_checkpoints'} failed ({type(e).__name__}: {e}); checkpoint step {step} is "
+              "complete. Free disk space or fix permissions, then resume", file=sys.stderr, flush=True)
+        sys.exit(4)
 
 
 # ------------------------------------------------------------------------------------------
 # Training loop
 
-inject_nan_step = int(os.environ.get("JAXRL_INJECT_NAN_STEP", "-1"))  # test hook for the non-finite path
+# Test hook of the non-finite path: JAXRL_INJECT_NAN_STEP="k" or "k1,k2,..." makes those steps' advantages NaN.
+inject_nan_steps = {int(k) for k in os.environ.get("JAXRL_INJECT_NAN_STEP", "").split(",") if k.strip()}
 bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=jax.process_index() != 0,
            desc="rl", dynamic_ncols=True)
 last_eval = None
@@ -153,7 +195,7 @@ for step in bar:
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
-    if step == inject_nan_step:
+    if step in inject_nan_steps:
         batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
     batch = distributed.global_batch(batch, mesh, specials.assistant_end)
     reward_s = time.perf_counter() - t_reward

@@ -4,12 +4,15 @@ Run the quick tier with `pytest -m "not slow"`; CI runs everything (`pytest`).
 Golden tests read nanochat's own outputs from ../shared/fixtures (never edited).
 """
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Must happen before anything imports jax: simulate 8 devices so shard_map paths run on CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +39,77 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir) -> Path:
     return FIXTURES
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer subprocesses (tests/test_resume.py, test_multihost.py, test_faults.py)
+
+# A few seconds per step on 2 CPU cores; rewards are non-zero, so every update moves the params.
+TINY_RL = ["--examples_per_step=4", "--num_samples=4", "--device_batch_size=2", "--max_new_tokens=64",
+           "--eval_every=1000", "--eval_examples=4", "--save_every=1", "--export_nanochat=false"]
+TINY_STEPS = 5
+
+
+def trainer_cmd(out_dir: Path, run: str, *extra: str) -> list[str]:
+    """scripts/train_rl.py on the arith fixture with TINY_RL; `extra` overrides win."""
+    return [sys.executable, str(REPO / "scripts" / "train_rl.py"), "--config",
+            str(REPO / "scripts" / "configs" / "arith_tiny.toml"), f"--checkpoint={ARITH}",
+            f"--data_dir={SHARED / 'data' / 'arith'}", f"--out_dir={out_dir}", f"--run={run}",
+            f"--num_steps={TINY_STEPS}", *TINY_RL, *extra]
+
+
+def trainer_env(cache_dir: Path, local_devices: int = 4, **extra: str) -> dict:
+    """CPU with `local_devices` simulated devices and a compilation cache shared by every run.
+
+    PJRT_NPROC=4 pins XLA's CPU intra-op thread pool (it is max(PJRT_NPROC or the core count,
+    local devices)): Eigen splits long matmul contractions by that thread count, so without it a
+    2-device process rounds Muon's matmuls differently from a 4-device one.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXRL_", "XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+               PJRT_NPROC="4", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_trainer(out_dir: Path, run: str, *extra: str, env: dict, timeout: float = 600,
+                **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(trainer_cmd(out_dir, run, *extra), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+def load_state(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, {leaf path: numpy array}) of a run's checkpoint `step` (default: the latest complete
+    one), read on one device whatever device count saved it."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager(Path(run_dir, "checkpoints").resolve(),
+                                item_handlers={"state": ocp.StandardCheckpointHandler()})
+    step = mgr.latest_step() if step is None else step
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                          mgr.item_metadata(step)["state"], is_leaf=lambda x: hasattr(x, "shape"))
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    mgr.close()
+    return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def differing_leaves(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not np.array_equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, compile_cache, shared_dir) -> Path:
+    """One uninterrupted TINY_STEPS-step run, 1 process x 4 devices: what resumed and 2-process runs must equal."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_trainer(out, "ref", env=trainer_env(compile_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "ref"

@@ -1,0 +1,100 @@
+"""Kill-and-resume: a trainer SIGKILLed during rollouts, updates and saves, resumed each time, ends
+bit-identical to an uninterrupted run; resume refuses equivalence-breaking config changes.
+
+Run: python -m pytest -q tests/test_resume.py   (slow: about 3 minutes on 2 CPU cores)
+
+The trainer runs as a subprocess on the arith fixture with conftest's TINY_RL settings (1 process x
+4 simulated CPU devices, a checkpoint after every step, a shared compilation cache for the train
+step). Three kills, at seeded random offsets: during step 2's rollouts (just after checkpoint 1
+lands), during step 3's update (checkpoint 2 plus the reference run's rollout time plus part of
+its update time), and inside the save of step 3 (an unfinished `*.orbax-checkpoint-tmp*` folder is
+left behind). Every restart passes `--resume`, one of them with safe changes (eval cadence, logging).
+"""
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, trainer_env
+
+from jaxrl.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _unfinished_saves(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+def _saved(step: int):
+    """Kill point: checkpoint `step` is complete (the trainer is now in step + 1's rollouts)."""
+    return lambda run_dir: (run_dir / "checkpoints" / str(step)).is_dir()
+
+
+def _saving(run_dir: Path) -> bool:
+    """Kill point: an orbax save is half written."""
+    return bool(_unfinished_saves(run_dir))
+
+
+def _run_and_kill(out: Path, extra: list[str], env: dict, log: Path, when, delay: float) -> bool:
+    """Start the trainer, SIGKILL it `delay` seconds after `when(run dir)` holds; True if the kill
+    left a half-written save behind."""
+    run_dir = out / "run"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(trainer_cmd(out, "run", *extra), cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not when(run_dir):
+            assert proc.poll() is None, f"the trainer ended before the kill point:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.005)
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return bool(_unfinished_saves(run_dir))
+
+
+def test_killed_and_resumed_run_is_bit_identical(tmp_path, reference_run, compile_cache):
+    rng = random.Random(8)
+    env = trainer_env(compile_cache)
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    ref = {r["step"]: r for r in read_metrics(reference_run) if r["event"] == "step"}
+    # 1. during step 2's rollouts (checkpoint 1 is the latest)
+    _run_and_kill(out, [], env, tmp_path / "1.log", _saved(1), rng.uniform(0.0, 0.3))
+    # 2. resumed at step 2; killed during step 3's update (its rollouts take about ref's rollout_s)
+    delay = ref[3]["rollout_s"] + rng.uniform(0.3, 0.7) * ref[3]["train_s"]
+    _run_and_kill(out, ["--resume"], env, tmp_path / "2.log", _saved(2), delay)
+    # 3. resumed at step 3 with safe changes (eval cadence, logging); killed while step 3 is being saved
+    half_written = _run_and_kill(out, ["--resume", "--eval_every=2", "--log_every=2"], env, tmp_path / "3.log",
+                                 _saving, rng.uniform(0.0, 0.02))
+    assert half_written, "the third kill did not land inside a save"
+    # 4. resumed to the end
+    proc = run_trainer(out, "run", "--resume", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run_dir.resolve() / 'checkpoints'} step 2 (next step 3)" in proc.stdout
+
+    step, state = load_state(run_dir)
+    ref_step, ref_state = load_state(reference_run)
+    assert step == ref_step == TINY_STEPS - 1
+    assert differing_leaves(state, ref_state) == []
+    assert not _unfinished_saves(run_dir)
+    # the log holds every step once, with the uninterrupted run's numbers
+    rows = [r for r in read_metrics(run_dir) if r["event"] == "step"]
+    assert [r["step"] for r in rows] == list(range(TINY_STEPS))
+    for r in rows:
+        assert [r[k] for k in ("loss", "reward", "grad_norm")] == [ref[r["step"]][k] for k in ("loss", "reward", "grad_norm")]
+
+
+def test_resume_refuses_a_config_change_that_breaks_equivalence(reference_run, compile_cache, tmp_path):
+    """Changing a batch shape on resume is refused before any state is touched, naming the key."""
+    before = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    proc = run_trainer(reference_run.parent, "ref", "--resume", "--examples_per_step=8",
+                       env=trainer_env(compile_cache), timeout=300)
+    assert proc.returncode == 1
+    assert "cannot resume" in proc.stderr and "examples_per_step: saved 4, now 8" in proc.stderr
+    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == before
