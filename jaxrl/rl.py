@@ -210,7 +210,7 @@ def _grads_and_metrics(config, spec, mesh, params, batch):
 def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch: Batch):
     """One optimizer step on a whole RL step's rows. Returns (params, opt_state, StepMetrics)."""
     grads, loss, count, mismatch = _grads_and_metrics(config, spec, mesh, params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
