@@ -181,6 +181,8 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     P, T = prompt_ids.shape
     N, M = spec.num_samples, spec.max_new_tokens
     R = P * N
+    # every use casts weights to the compute dtype anyway: do it once, not in every decode step
+    params = jax.tree.map(lambda p: p.astype(config.dtype), params)
     logits, cache = gpt.prefill(config, params, prompt_ids, pad, T)
     cache = gpt.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
     rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
