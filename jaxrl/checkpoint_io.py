@@ -154,8 +154,13 @@ def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[G
     if step is None or step not in mgr.all_steps():
         raise CheckpointError(f"{d / RUN_CHECKPOINTS} holds no complete checkpoint "
                               f"{'yet' if step is None else f'of step {step} (it has {sorted(mgr.all_steps())})'}")
-    raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(raw["state"]["params"]).items()}
+    state = d / RUN_CHECKPOINTS / str(step) / "state"  # jaxrl.checkpoint's layout
+    with ocp.PyTreeCheckpointer() as ckptr:  # params only, as host numpy: any device count can read them
+        saved = ckptr.metadata(state).item_metadata.tree["params"]
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        args = ocp.args.PyTreeRestore(item={"params": saved}, restore_args={"params": as_numpy}, partial_restore=True)
+        raw = ckptr.restore(state, args=args)
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(raw["params"]).items()}
     check_param_shapes(config, {k: v.shape for k, v in flat.items()}, where=str(d / RUN_CHECKPOINTS / str(step)))
     info = {k: v for k, v in record.items() if k != "model_config"}
     tok = d / TOKENIZER_DIR

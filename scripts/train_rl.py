@@ -93,9 +93,10 @@ ckpt = CheckpointManager(run_dir / "checkpoints")  # opening it deletes unfinish
 
 
 def forget_from(step: int):
-    """Resuming at `step`: drop the log rows of steps >= step (they are redone) and killed exports' temp files."""
+    """Resuming at `step`: drop the RL log rows of steps >= step (they are redone; the demo's warm-start rows
+    stay) and killed exports' temp files."""
     if (run_dir / "metrics.jsonl").is_file():
-        rows = [r for r in read_metrics(run_dir) if r.get("step", 0) < step]
+        rows = [r for r in read_metrics(run_dir) if r.get("phase") == "warmstart" or r.get("step", 0) < step]
         tmp = run_dir / "metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, run_dir / "metrics.jsonl")
@@ -108,7 +109,10 @@ def forget_from(step: int):
 
 start_step, consecutive_skips = 0, 0
 if cfg.resume and ckpt.latest_step() is not None:
-    allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())  # refuse before touching state
+    try:  # refuse before touching state
+        allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     state, meta = ckpt.restore(None, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
                                sharding=sharding.replicated(mesh))
     params, opt_state = state["params"], state["opt_state"]

@@ -45,8 +45,10 @@ def fixtures_dir(shared_dir) -> Path:
 # Trainer subprocesses (tests/test_resume.py, test_multihost.py, test_faults.py)
 
 # A few seconds per step on 2 CPU cores; rewards are non-zero, so every update moves the params.
+# pass@k has the rollouts' shapes (4 questions x 4 samples), so it reuses their compiled sampler.
 TINY_RL = ["--examples_per_step=4", "--num_samples=4", "--device_batch_size=2", "--max_new_tokens=64",
-           "--eval_every=1000", "--eval_examples=4", "--save_every=1", "--export_nanochat=false"]
+           "--eval_every=1000", "--eval_examples=4", "--eval_num_samples=4", "--save_every=1",
+           "--export_nanochat=false"]
 TINY_STEPS = 5
 
 
@@ -83,16 +85,12 @@ def load_state(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
     """(step, {leaf path: numpy array}) of a run's checkpoint `step` (default: the latest complete
     one), read on one device whatever device count saved it."""
     import jax
-    import orbax.checkpoint as ocp
 
-    mgr = ocp.CheckpointManager(Path(run_dir, "checkpoints").resolve(),
-                                item_handlers={"state": ocp.StandardCheckpointHandler()})
-    step = mgr.latest_step() if step is None else step
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                          mgr.item_metadata(step)["state"], is_leaf=lambda x: hasattr(x, "shape"))
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    mgr.close()
+    from jaxrl.checkpoint import CheckpointManager
+
+    with CheckpointManager(Path(run_dir, "checkpoints")) as mgr:
+        step = mgr.latest_step() if step is None else step
+        state, _ = mgr.restore_saved(step)
     return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 

@@ -5,10 +5,12 @@ Run: python -m pytest -q tests/test_resume.py   (slow: about 3 minutes on 2 CPU 
 
 The trainer runs as a subprocess on the arith fixture with conftest's TINY_RL settings (1 process x
 4 simulated CPU devices, a checkpoint after every step, a shared compilation cache for the train
-step). Three kills, at seeded random offsets: during step 2's rollouts (just after checkpoint 1
-lands), during step 3's update (checkpoint 2 plus the reference run's rollout time plus part of
-its update time), and inside the save of step 3 (an unfinished `*.orbax-checkpoint-tmp*` folder is
-left behind). Every restart passes `--resume`, one of them with safe changes (eval cadence, logging).
+step, nanochat export on). Three kills, at seeded random offsets: just after checkpoint 1 lands
+(in its export or step 2's rollouts), during step 3's update (checkpoint 2 plus the reference
+run's rollout time plus part of its update time), and inside the save of step 3 (an unfinished
+`*.orbax-checkpoint-tmp*` folder is left behind). Every restart passes `--resume`, one of them with
+safe changes (eval cadence, logging). The end state, the exports and the log must equal the
+uninterrupted run's.
 """
 import random
 import signal
@@ -16,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, trainer_env
 
@@ -59,22 +62,24 @@ def _run_and_kill(out: Path, extra: list[str], env: dict, log: Path, when, delay
 
 
 def test_killed_and_resumed_run_is_bit_identical(tmp_path, reference_run, compile_cache):
+    torch = pytest.importorskip("torch")
     rng = random.Random(8)
     env = trainer_env(compile_cache)
+    export = "--export_nanochat=true"  # the reference run does not export: the switch is a safe change
     out = tmp_path / "out"
     run_dir = out / "run"
     ref = {r["step"]: r for r in read_metrics(reference_run) if r["event"] == "step"}
-    # 1. during step 2's rollouts (checkpoint 1 is the latest)
-    _run_and_kill(out, [], env, tmp_path / "1.log", _saved(1), rng.uniform(0.0, 0.3))
+    # 1. just after checkpoint 1 lands: during its nanochat export or step 2's rollouts
+    _run_and_kill(out, [export], env, tmp_path / "1.log", _saved(1), rng.uniform(0.0, 0.3))
     # 2. resumed at step 2; killed during step 3's update (its rollouts take about ref's rollout_s)
     delay = ref[3]["rollout_s"] + rng.uniform(0.3, 0.7) * ref[3]["train_s"]
-    _run_and_kill(out, ["--resume"], env, tmp_path / "2.log", _saved(2), delay)
+    _run_and_kill(out, [export, "--resume"], env, tmp_path / "2.log", _saved(2), delay)
     # 3. resumed at step 3 with safe changes (eval cadence, logging); killed while step 3 is being saved
-    half_written = _run_and_kill(out, ["--resume", "--eval_every=2", "--log_every=2"], env, tmp_path / "3.log",
+    half_written = _run_and_kill(out, [export, "--resume", "--eval_every=2", "--log_every=2"], env, tmp_path / "3.log",
                                  _saving, rng.uniform(0.0, 0.02))
     assert half_written, "the third kill did not land inside a save"
     # 4. resumed to the end
-    proc = run_trainer(out, "run", "--resume", env=env)
+    proc = run_trainer(out, "run", export, "--resume", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {run_dir.resolve() / 'checkpoints'} step 2 (next step 3)" in proc.stdout
 
@@ -83,6 +88,13 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, reference_run, compil
     assert step == ref_step == TINY_STEPS - 1
     assert differing_leaves(state, ref_state) == []
     assert not _unfinished_saves(run_dir)
+    # the nanochat export of every saved step, the last one equal to the final params, no temp files
+    exports = run_dir / "chatrl_checkpoints" / "d4"
+    assert sorted(p.name for p in exports.iterdir()) == sorted(
+        f"{kind}_{s:06d}.{ext}" for s in range(1, TINY_STEPS) for kind, ext in (("meta", "json"), ("model", "pt")))
+    exported = torch.load(exports / f"model_{TINY_STEPS - 1:06d}.pt", weights_only=True)
+    for key, tensor in exported.items():
+        np.testing.assert_array_equal(tensor.numpy(), state["['params']" + "".join(f"['{k}']" for k in key.split("."))])
     # the log holds every step once, with the uninterrupted run's numbers
     rows = [r for r in read_metrics(run_dir) if r["event"] == "step"]
     assert [r["step"] for r in rows] == list(range(TINY_STEPS))
@@ -95,6 +107,6 @@ def test_resume_refuses_a_config_change_that_breaks_equivalence(reference_run, c
     before = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
     proc = run_trainer(reference_run.parent, "ref", "--resume", "--examples_per_step=8",
                        env=trainer_env(compile_cache), timeout=300)
-    assert proc.returncode == 1
-    assert "cannot resume" in proc.stderr and "examples_per_step: saved 4, now 8" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: cannot resume" in proc.stderr and "examples_per_step: saved 4, now 8" in proc.stderr
     assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == before
