@@ -12,7 +12,7 @@ then runs RL on the result exactly as on an imported nanochat model. Nothing is 
    (`rl.train_step`) with advantage 1 on every demonstrated token, i.e. the mean NLL of the
    tokens `render_conversation` marks as the assistant's (token_norm "global"), with nanochat's
    optimizer at nanochat's base lrs at full strength (WARMSTART_LRS, init_lr_frac 1, as nanochat's
-   base and SFT training) decaying linearly over `warmstart_steps`. Every `warmstart_eval_every`
+   base and SFT training) decaying linearly over WARMSTART_LR_STEPS. Every `warmstart_eval_every`
    steps, once the loss is below EVAL_BELOW_LOSS, pass@k runs on the first `eval_examples` test
    questions exactly as train_rl's eval. The warm start stops at the first eval whose pass@1
    estimate (`unbiased_pass@1`, the mean accuracy of all its samples) reaches
@@ -48,6 +48,10 @@ WARMSTART_OFFSET = 50_000  # warm-start demonstrations come from train rows from
 # nanochat's base lrs (chat_rl's defaults, before init_lr_frac), at full strength as nanochat's base
 # and SFT training use them; RL then runs at the config's own lrs (scripts/configs/demo.toml).
 WARMSTART_LRS = {"unembedding_lr": 0.004, "embedding_lr": 0.2, "matrix_lr": 0.02}
+# nanochat's linear lr decay, over this fixed horizon rather than warmstart_steps (a cap: where the
+# warm start stops is not known in advance, and the cap must not change the trajectory). The band
+# is reached after 30-50 steps, at ~95% of the peak lr; steps past the horizon keep its last lr.
+WARMSTART_LR_STEPS = 600
 # No pass@k eval while the demonstration loss (nats per token) is above this: such a model cannot
 # write an answer yet (pass@1 ~ 0 on the arith task until the loss is near 0.3) and its samples run
 # to max_new_tokens, the most expensive eval there is.
@@ -106,7 +110,7 @@ def _sft_step(cfg, config: GPTConfig, mesh):
     if rows % (dbs * n_dev):
         raise ValueError(f"warmstart_batch_size ({rows}) must be a multiple of device_batch_size ({dbs}) x "
                          f"{n_dev} devices; set warmstart_batch_size to {max(1, rows // (dbs * n_dev)) * dbs * n_dev}")
-    optimizer = optim.build_optimizer(config, num_steps=cfg.warmstart_steps, init_lr_frac=1.0, **WARMSTART_LRS)
+    optimizer = optim.build_optimizer(config, num_steps=WARMSTART_LR_STEPS, init_lr_frac=1.0, **WARMSTART_LRS)
     return rl.compiled_train_step(config, rl.LossSpec(dbs, 1, rows // dbs, "global"), optimizer, mesh), optimizer
 
 
@@ -137,7 +141,7 @@ def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task,
                                      "lower WARMSTART_LRS in jaxrl/warmstart.py")
         row = {"step": step, "event": "step", "phase": "warmstart", "loss": float(m.loss), "seq_len": seq_len,
                "grad_norm": float(m.grad_norm), "tokens": int(m.tokens), "train_s": time.perf_counter() - t,
-               "lrm": optim.lr_multiplier(step, steps)}
+               "lrm": optim.lr_multiplier(min(step, WARMSTART_LR_STEPS - 1), WARMSTART_LR_STEPS)}
         writer.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", pass1=f"{last['unbiased_pass@1']:.3f}" if last else "-")
         done = step + 1

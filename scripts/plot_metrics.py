@@ -29,7 +29,8 @@ def _pass_panel(ax, rows, phase, offset, top_k, style):
     for k, color in zip(sorted({1, top_k} - {None}), ("tab:green", "tab:red")):
         x, y = _series(rows, "eval", f"pass@{k}", phase, offset)
         if x:
-            ax.plot(x, y, style, color=color, marker="o", ms=4, label=f"{phase} pass@{k} (first {k} samples)")
+            first = "first sample" if k == 1 else f"first {k} samples"
+            ax.plot(x, y, style, color=color, marker="o", ms=4, label=f"{phase} pass@{k} ({first})")
     x, y = _series(rows, "eval", "unbiased_pass@1", phase, offset)
     _, lo = _series(rows, "eval", "unbiased_pass@1_lo", phase, offset)
     _, hi = _series(rows, "eval", "unbiased_pass@1_hi", phase, offset)
@@ -57,16 +58,22 @@ def plot_run(run_dir) -> Path:
     if x:
         axes[0].plot(x, y, "-", color="tab:blue", alpha=0.35, lw=1, label="rl reward (train batch)")
         axes[0].plot(x, _rolling(y), "-", color="tab:blue", label="rl reward, mean of last 10 steps")
+    x, y = _series(rows, "step", "loss", "warmstart")
+    if x:  # the warm start has no reward: show its supervised loss on a second axis
+        twin = axes[0].twinx()
+        twin.semilogy(x, y, "--", color="tab:gray", label="warmstart loss (nats/token, right axis)")
+        twin.legend(fontsize=7, loc="lower left")
     for phase, style in (("warmstart", "--"), ("rl", "-")):
         _pass_panel(axes[1], rows, phase, offset if phase == "rl" else 0, top_k, style)
         x, y = _series(rows, "step", "seq_len", phase, offset if phase == "rl" else 0)
         if x:
             what = "demonstrations" if phase == "warmstart" else "rollouts"
             axes[2].plot(x, y, style, color="tab:purple", label=f"{phase} mean sequence length ({what})")
-    titles = ("reward per RL step", "pass@k on held-out questions", "mean sequence length (tokens, incl. prompt)")
+    titles = ("reward per RL step" + (" (warm start: loss)" if ws else ""), "pass@k on held-out questions",
+              "mean sequence length (tokens, incl. prompt)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
-        ax.set_xlabel("warm-start steps, then RL steps" if ws else "step")
+        ax.set_xlabel("warm-start steps, then RL steps (from the dotted line)" if ws else "step")
         ax.grid(alpha=0.3)
         if ws:
             ax.axvline(offset, color="k", ls=":", lw=1)

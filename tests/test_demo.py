@@ -77,15 +77,41 @@ def test_run_dir_artifacts(demo_run):
 
 
 @pytest.mark.slow
-def test_nanochat_export_loads(demo_run):
+def test_nanochat_export_loads(demo_run, tmp_path):
     pytest.importorskip("torch")
-    from convert import load_nanochat
+    import numpy as np
+
+    from convert import export_nanochat, load_nanochat
+    from jaxrl.checkpoint_io import load_run_dir
+    from jaxrl.model import flatten_params
 
     _, run_dir, _ = demo_run
     assert (run_dir / "chatrl_checkpoints" / "d2" / "model_000001.pt").is_file()
     config, params = load_nanochat(run_dir, source="rl")  # the run dir is a nanochat base dir
     assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 128, 512)
     assert config.generation == "gen-2026-07"
+    _, latest, _ = load_run_dir(run_dir)  # the export is the latest checkpoint, float32 bit for bit
+    for key, value in flatten_params(latest).items():
+        np.testing.assert_array_equal(flatten_params(params)[key], value, err_msg=key)
+    # the README's export step: a run dir -> a fresh nanochat base dir with its tokenizer
+    assert export_nanochat.main([str(run_dir), "--out", str(tmp_path / "base"), "--base-dir"]) == 0
+    assert (tmp_path / "base" / "tokenizer" / "tokenizer.pkl").is_file()
+    assert load_nanochat(tmp_path / "base", source="rl")[0] == config
+
+
+@pytest.mark.slow
+def test_eval_rl_on_the_run_dir(demo_run, tmp_path):
+    import json
+
+    _, run_dir, _ = demo_run
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "scripts/eval_rl.py", "--checkpoint", str(run_dir), "--task", "arith", "--max-examples", "4",
+           "--num-samples", "2", "--max-new-tokens", "48", "--independent-keys", "--json", str(tmp_path / "e.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["num_examples"] == 4 and set(result["unbiased"]) == {"pass@1", "pass@2"}
+    assert "Pass@2:" in proc.stdout and "checkpoint step 1" in proc.stderr
 
 
 @pytest.mark.slow
