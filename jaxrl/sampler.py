@@ -290,7 +290,7 @@ def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, te
     `mesh` (optional, jaxrl.sharding.make_mesh()) splits the rows over its devices.
     """
     specials = SpecialIds.from_tokenizer(tokenizer)
-    tool = _tool_for(tokenizer, max_new_tokens + 2, config.generation)
+    tool = tool_for(tokenizer, max_new_tokens + 2, config.generation)
     rollout, _ = sample(config, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials, mesh=mesh)
     return assemble(prompts, rollout, num_samples)
@@ -299,7 +299,7 @@ def generate(config, params, tokenizer, prompts, num_samples, max_new_tokens, te
 _TOOLS: dict = {}
 
 
-def _tool_for(tokenizer, queue_len: int, generation: str) -> ToolBridge:
+def tool_for(tokenizer, queue_len: int, generation: str) -> ToolBridge:
     """One bridge per (tokenizer, queue length, generation), so repeated calls hit the same compiled
     function. The generation picks the calculator (gen-2025-10 has no `.count(` string path)."""
     from jaxrl.calculator import use_calculator

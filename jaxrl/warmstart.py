@@ -35,7 +35,6 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxrl import checkpoint_io, optim, rl, rollout, sampler, sharding
-from jaxrl.calculator import use_calculator
 from jaxrl.checkpoint import CheckpointManager
 from jaxrl.metrics import MetricsWriter, print0
 from jaxrl.model import GPTConfig, init_params, param_table
@@ -123,7 +122,7 @@ def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task,
     """
     train_step, optimizer = _sft_step(cfg, config, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
-    tool = sampler.ToolBridge(tokenizer, use_calculator, queue_len=cfg.max_new_tokens + 2)
+    tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, config.generation)
     n = cfg.eval_num_samples or cfg.device_batch_size
     eval_args = rollout.SamplingArgs(n, cfg.max_new_tokens, 1.0, cfg.top_k, cfg.eval_seed)
     rows, steps = cfg.warmstart_batch_size, cfg.warmstart_steps

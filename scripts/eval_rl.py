@@ -61,7 +61,6 @@ from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
 from jaxrl import rollout, sampler, sharding  # noqa: E402
-from jaxrl.calculator import use_calculator  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Policy and task
@@ -80,7 +79,7 @@ print(f"{config.generation} model, {config.n_layer} layers, vocab {config.vocab_
 # ------------------------------------------------------------------------------------------
 # Sampling: fixed-size chunks (the last one padded with repeats, dropped after), one compile
 
-tool = sampler.ToolBridge(tokenizer, use_calculator, queue_len=args.max_new_tokens + 2)
+tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
 sampling = rollout.SamplingArgs(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.seed)
 chunk = max(1, min(n, args.batch_rows // args.num_samples))
 order = np.arange(-(-n // chunk) * chunk) % n

@@ -12,7 +12,6 @@ max_nonfinite_skips consecutive non-finite steps (last good state saved); 4 a ch
 could not be written (path and OS error printed; the previous checkpoint is intact).
 `--resume` continues bit-identically from the latest complete checkpoint (tests/test_resume.py).
 """
-import functools
 import json
 import os
 import shutil
@@ -35,7 +34,6 @@ from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
 from jaxrl import distributed, optim, rl, rollout, sampler, sharding  # noqa: E402
-from jaxrl.calculator import use_calculator  # noqa: E402
 from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
@@ -78,8 +76,7 @@ num_steps = cfg.resolve_num_steps(len(train_task))
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
 specials = sampler.SpecialIds.from_tokenizer(tokenizer)
-tool = sampler.ToolBridge(tokenizer, functools.partial(use_calculator, generation=model_config.generation),
-                          queue_len=cfg.max_new_tokens + 2)
+tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)  # shared with the warm start
 
 # ------------------------------------------------------------------------------------------
 # Optimizer, state, resume
