@@ -115,9 +115,14 @@ class RLConfig:
                          "tokens of the step.", choices=TOKEN_NORMS)
     train_on_end_token: bool = _f(False, "Also train on the final <|assistant_end|> token "
                                   "(nanochat never does, SPEC §9 quirk 3).")
-    train_chunk_rows: int = _f(0, "Rows per forward/backward on each device; 0 = device_batch_size "
+    train_chunk_rows: int = _f(0, "Packed rows (bins of the step's longest row, holding one or more "
+                               "rows each) per forward/backward on each device; 0 = device_batch_size "
                                "(nanochat's memory use). Larger is faster on accelerators; the loss is "
                                "still normalised per device_batch_size pass. Must divide each device's rows.")
+    train_skip_zero_advantage: bool = _f(True, "Leave rows whose advantage is exactly 0 out of the "
+                                         "forward/backward: their gradient is exactly 0 and their tokens "
+                                         "still count in the normalisation, so the update is nanochat's; "
+                                         "logp_mismatch then covers the rows trained on.")
     eval_num_samples: int | None = _f(None, "pass@k samples per question (k = 1..this); "
                                       "None = device_batch_size, as nanochat.")
     eval_seed: int = _f(42, "Sampling seed of pass@k, the same for every question and every "

@@ -78,11 +78,13 @@ def sum_scalar(x: float) -> float:
     return float(np.sum(gather_rows(np.array([x], np.float64))))
 
 
-def global_batch(batch: rl.Batch, mesh, pad_id: int) -> rl.Batch:
-    """Process-local rows -> arrays sharded over the data axis of the global mesh.
+def global_batch(batch: rl.Batch, mesh, pad_id: int, chunk: int, min_len: int = 0,
+                 skip_zero_advantage: bool = True) -> rl.Packed:
+    """Process-local rows -> packed arrays sharded over the data axis of the global mesh.
 
-    Every process pads its rows to the same length (the global maximum), so the global batch is
-    exactly what one process holding all rows would build.
+    Every process pads its rows to the same length (the global maximum, at least `min_len`) and
+    packs each of its devices' rows (`rl.pack`), so the global batch is exactly what one process
+    holding all rows would build.
     """
     T = int(np.max(gather_rows(np.array([batch.inputs.shape[1]]))))
 
@@ -92,7 +94,9 @@ def global_batch(batch: rl.Batch, mesh, pad_id: int) -> rl.Batch:
         return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)
 
     local = rl.Batch(pad(batch.inputs, pad_id), pad(batch.targets, -1), batch.advantages, pad(batch.sampler_logp, 0))
+    n_local = sharding.data_size(mesh) // jax.process_count()
+    packed = rl.pack(local, pad_id, n_local, chunk, min_len, skip_zero_advantage)
     target = sharding.data_sharding(mesh)
     if jax.process_count() == 1:
-        return jax.device_put(local, target)
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(target, a), local)
+        return jax.device_put(packed, target)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(target, a), packed)

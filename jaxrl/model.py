@@ -253,11 +253,12 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
 
 
-def attend(q, k, v, q_pos, k_pos, window: int | None):
+def attend(q, k, v, q_pos, k_pos, window: int | None, segments=None):
     """Grouped-query attention with a causal (and optional left-window) mask over absolute positions.
 
     q (B,T,H,Dh), k/v (B,S,K,Dh), q_pos (B,T), k_pos (B,S) -> (B,T,H,Dh). Keys at negative
-    positions (left padding of shorter prompts) are never attended to.
+    positions (left padding of shorter prompts) are never attended to. `segments` (B,T) with
+    S == T (packed training rows): a query sees only keys of its own segment.
     """
     B, T, H, hd = q.shape
     K = k.shape[2]
@@ -267,6 +268,8 @@ def attend(q, k, v, q_pos, k_pos, window: int | None):
     mask = (delta >= 0) & (k_pos[:, None, :] >= 0)  # negative positions are left padding
     if window is not None:
         mask = mask & (delta <= window)
+    if segments is not None:
+        mask = mask & (segments[:, :, None] == segments[:, None, :])
     # finite: a padding query with no visible key gets a harmless uniform row instead of NaN
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -300,7 +303,7 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
     if cache is None:
-        y, kv = attend(q, k, v, positions, positions, window), (k, v)
+        y, kv = attend(q, k, v, positions, positions, window, layer_kv.get("segments")), (k, v)
     else:
         y, kv = cache.attend(i, q, k, v, positions, window)
     return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
@@ -383,7 +386,8 @@ def _embed(config, params, idx, prev_emb, positions):
     return e + lam * gate * prev, e
 
 
-def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | None = None, prev_emb=None):
+def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | None = None, prev_emb=None,
+          segments=None):
     """Embedding, blocks, backout and final norm.
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
@@ -391,6 +395,8 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
     With a cache view (T=1 decode, `_SlotView`/`_SharedView`), attention goes through the view,
     which also records this token's k/v.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
+    `segments` (B,T), no cache: several sequences packed in a row, each with positions from 0;
+    attention stays within a segment (smear already stops at position 0).
     Returns x (B,T,D) after the final norm, per-layer (k, v) (None with a cache view), and the
     last pre-smear embedding (B,D).
     """
@@ -407,7 +413,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
         lp = params["transformer"]["h"][str(i)]
         if config.has_lambdas:
             x = params["resid_lambdas"][i].astype(x.dtype) * x + params["x0_lambdas"][i].astype(x.dtype) * x0
-        extra = {"rope": rope}
+        extra = {"rope": rope, "segments": segments}
         if config.has_ve(i):
             extra["ve"] = params["value_embeds"][str(i)]["weight"]
         out, kv = _block_attn(config, lp, i, rms_norm(x), idx, positions, windows[i], cache, extra)
@@ -430,12 +436,18 @@ def logits_from_hidden(config: GPTConfig, params: Params, x):
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
-def forward(config: GPTConfig, params: Params, idx) -> jax.Array:
-    """Full-sequence logits, float32 (B, T, V) after softcap and vocab crop."""
+def forward(config: GPTConfig, params: Params, idx, positions=None, segments=None) -> jax.Array:
+    """Full-sequence logits, float32 (B, T, V) after softcap and vocab crop.
+
+    Default: one sequence per row at positions 0..T-1. Packed rows pass `positions` (restarting
+    at 0 for each sequence) and `segments` (B,T) ids: then every token sees exactly what it would
+    see alone in its own row.
+    """
     idx = jnp.asarray(idx, jnp.int32)
     B, T = idx.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    x, _, _ = trunk(config, params, idx, positions)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x, _, _ = trunk(config, params, idx, positions, segments=segments)
     return logits_from_hidden(config, params, x)
 
 

@@ -11,8 +11,11 @@ normalisation over the whole step (`token_norm = "global"`), and training on the
 `<|assistant_end|>` (`train_on_end_token`; nanochat never makes it a target, SPEC §9.3).
 
 The train step is one jitted function: rows are split over the "data" mesh axis with shard_map,
-each device scans over its micro-batches accumulating gradients, gradients are summed across
-devices, and the optimizer update runs replicated. Non-finite loss or gradients skip the update.
+each device packs its rows end to end into bins (`pack`: no compute on padding, none on rows
+whose advantage is 0) and scans over chunks of bins accumulating gradients, gradients are summed
+across devices, and the optimizer update runs replicated. The normalisation is computed from the
+unpacked rows, so the objective is nanochat's whatever the packing. Non-finite loss or gradients
+skip the update.
 
 Test: `pytest tests/test_rl.py`.
 """
@@ -41,7 +44,7 @@ class LossSpec:
     num_passes: int  # micro-batches per question: num_samples // device_batch_size
     examples_per_step: int  # questions per optimizer step, all devices together
     token_norm: str = "pass"  # "pass" (nanochat) | "global"
-    chunk_rows: int = 0  # rows per forward/backward on a device (0: device_batch_size); memory knob only
+    chunk_rows: int = 0  # packed bins per forward/backward on a device (0: device_batch_size); memory knob only
 
     def __post_init__(self):
         if self.chunk_rows == 0:
@@ -93,88 +96,134 @@ def build_batch(sequences, masks, advantages_, pad_id: int, *, sampler_logp=None
     return Batch(ids[:, :-1], targets, np.asarray(advantages_, np.float32), lp[:, 1:])
 
 
-def row_weights(targets, advantages, spec: "LossSpec", n_global_tokens):
+class Packed(NamedTuple):
+    """A step's rows packed for training: on each device, rows are laid end to end in bins of T
+    tokens (each row keeps its own positions and sees only itself), so the forward/backward runs
+    on the tokens that carry a gradient instead of on every row padded to the longest one.
+
+    Bin arrays (n_dev · bins_per_device, T) and row arrays (R,) are both split over the data axis:
+    device d holds bins [d·B, (d+1)·B) and rows [d·R/n, (d+1)·R/n), `rows` indexing the latter.
+    """
+
+    inputs: np.ndarray  # (NB, T) int32 token ids (pad where empty)
+    targets: np.ndarray  # (NB, T) int32, -1 = not trained on
+    positions: np.ndarray  # (NB, T) int32 position of each token in its own row
+    segments: np.ndarray  # (NB, T) int32 row slot within the bin, 1-based; 0 = empty
+    rows: np.ndarray  # (NB, T) int32 the token's row, indexed within its device's rows; -1 = empty
+    sampler_logp: np.ndarray  # (NB, T) f32
+    advantages: np.ndarray  # (R,) f32, rows in the Batch's order
+    row_tokens: np.ndarray  # (R,) int32 trained tokens of each row (all rows, packed or not)
+    bins: np.ndarray  # (n_dev,) int32 bins in use on each device
+
+
+def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int = 0,
+         skip_zero_advantage: bool = True) -> Packed:
+    """Pack each device's share of `batch` (contiguous blocks of R/n_dev rows) into bins.
+
+    A row is cut after its last target (later tokens cannot change earlier ones); rows without a
+    target, and with `skip_zero_advantage` rows whose advantage is exactly 0 (their gradient is
+    exactly 0), are left out; their tokens still count in the normalisation (`row_tokens`).
+    Bins hold T = max(batch length, min_len) tokens (a caller keeps T fixed across steps to
+    avoid recompiling); first-fit decreasing. Each device gets the same number of bin slots, a
+    multiple of `chunk` (bins per forward/backward), enough for the unpacked worst case.
+    """
+    inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
+    adv = np.asarray(batch.advantages, np.float32)
+    R, T0 = inputs.shape
+    if R % n_dev:
+        raise ValueError(f"{R} training rows do not split over {n_dev} devices")
+    T = max(T0, int(min_len))
+    per = R // n_dev
+    nb = -(-per // chunk) * chunk
+    valid = targets >= 0
+    row_tokens = valid.sum(axis=1).astype(np.int32)
+    length = np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0)
+    keep = (row_tokens > 0) & ~(skip_zero_advantage & (adv == 0))
+    out = {k: np.full((n_dev * nb, T), fill, dt) for k, fill, dt in (
+        ("inputs", pad_id, np.int32), ("targets", -1, np.int32), ("positions", 0, np.int32),
+        ("segments", 0, np.int32), ("rows", -1, np.int32), ("sampler_logp", 0.0, np.float32))}
+    lp = np.asarray(batch.sampler_logp, np.float32)
+    bins = np.zeros(n_dev, np.int32)
+    for d in range(n_dev):
+        mine = [r for r in range(d * per, (d + 1) * per) if keep[r]]
+        mine.sort(key=lambda r: (-length[r], r))
+        fill, slots = [], []  # per open bin: tokens used, rows placed
+        for r in mine:
+            b = next((j for j, f in enumerate(fill) if f + length[r] <= T), len(fill))
+            if b == len(fill):
+                fill.append(0)
+                slots.append(0)
+            o, n, g = fill[b], int(length[r]), d * nb + b
+            slots[b] += 1
+            out["inputs"][g, o:o + n] = inputs[r, :n]
+            out["targets"][g, o:o + n] = targets[r, :n]
+            out["positions"][g, o:o + n] = np.arange(n)
+            out["segments"][g, o:o + n] = slots[b]
+            out["rows"][g, o:o + n] = r - d * per
+            out["sampler_logp"][g, o:o + n] = lp[r, :n]
+            fill[b] += n
+        bins[d] = len(fill)
+    return Packed(**out, advantages=adv, row_tokens=row_tokens, bins=bins)
+
+
+def row_weights(row_tokens, advantages, spec: "LossSpec", n_global_tokens):
     """Per-row weight w[r] such that the objective is Σ_r Σ_t logp[r,t]·w[r] (targets >= 0).
 
     "pass" (nanochat): w = adv / (N_pass · num_passes · examples_per_step), N_pass = valid
     targets of the row's pass of device_batch_size rows. "global": w = adv / N_step.
+    `row_tokens` (R,): valid targets per row, rows in nanochat's order (passes contiguous).
     """
     if spec.token_norm == "global":
         return advantages / n_global_tokens
     dbs = spec.device_batch_size
-    counts = jnp.sum(targets >= 0, axis=1).reshape(-1, dbs).sum(axis=1).astype(jnp.float32)
+    counts = row_tokens.reshape(-1, dbs).sum(axis=1).astype(jnp.float32)
     per_pass = jnp.maximum(counts, 1.0) * (spec.num_passes * spec.examples_per_step)
-    return advantages / jnp.repeat(per_pass, dbs, total_repeat_length=targets.shape[0])
+    return advantages / jnp.repeat(per_pass, dbs, total_repeat_length=row_tokens.shape[0])
 
 
-def _chunk_terms(config, params, inputs, targets, weights, sampler_logp):
-    """−objective of one chunk of rows, its valid-token count, and the logp mismatch sum."""
-    logits = gpt.forward(config, params, inputs)
+def _chunk_terms(config, params, inputs, targets, positions, segments, weights, sampler_logp):
+    """−objective of one chunk of bins, its trained-token count, and the logp mismatch sum."""
+    logits = gpt.forward(config, params, inputs, positions, segments)
     nll = gpt.nll_from_logits(logits, targets)
     valid = targets >= 0
-    loss = jnp.sum(nll * weights[:, None])  # = −Σ logp·w; nll is 0 where target is -1
+    loss = jnp.sum(nll * weights)  # = −Σ logp·w; nll is 0 where target is -1
     mismatch = jnp.sum(jnp.where(valid, jnp.abs(-nll - sampler_logp), 0.0))
     return loss, (jnp.sum(valid).astype(jnp.float32), mismatch)
 
 
-def _local_grads(config, spec: "LossSpec", params, batch: Batch, n_global_tokens):
-    """Gradient of −objective over this device's rows, scanned over chunks of `spec.chunk_rows`.
+def _local_grads(config, spec: "LossSpec", params, batch: Packed, n_global_tokens):
+    """Gradient of −objective over this device's bins, scanned over chunks of `spec.chunk_rows` bins.
 
-    The normalisation is nanochat's per pass of device_batch_size rows whatever the chunk size, so
-    `chunk_rows` only trades memory for speed (bigger chunks: fewer, larger kernels).
+    Chunks past the device's last used bin are skipped. The normalisation is nanochat's per pass
+    of device_batch_size rows whatever the packing, so `chunk_rows` only trades memory for speed.
     """
-    weights = row_weights(batch.targets, batch.advantages, spec, n_global_tokens)
+    w_row = row_weights(batch.row_tokens, batch.advantages, spec, n_global_tokens)
+    w_tok = jnp.where(batch.rows >= 0, w_row[jnp.maximum(batch.rows, 0)], 0.0)
     chunk = min(spec.chunk_rows, batch.inputs.shape[0])
-    data = (batch.inputs, batch.targets, weights, batch.sampler_logp)
+    data = (batch.inputs, batch.targets, batch.positions, batch.segments, w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
-    n = data[0].shape[0]
+    n_max = data[0].shape[0]
+    n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk
     grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, p, *x), has_aux=True)
 
-    def body(acc, x):
-        stack, i, l, c, mm = acc
+    def step(acc, x):
+        g_acc, i, l, c, mm = acc
         (loss, (count, mismatch)), g = grad_fn(params, x)
-        return (_push_pairwise(stack, g, i), i + 1, l + loss, c + count, mm + mismatch), None
+        return (jax.tree.map(jnp.add, g_acc, g), i + 1, l + loss, c + count, mm + mismatch)
 
-    levels = max(1, (n - 1).bit_length() + 1)
-    stack = jax.tree.map(lambda p: jnp.zeros((levels, *p.shape), p.dtype), params)
-    (stack, _, loss, count, mismatch), _ = jax.lax.scan(body, (stack, 0, 0.0, 0.0, 0.0), data)
-    return _pop_pairwise(stack, n), loss, count, mismatch
+    def body(acc, x):
+        return jax.lax.cond(acc[1] < n_used, step, lambda a, _: a, acc, x), None
 
-
-def _push_pairwise(stack, g, i):
-    """Add chunk gradient `g` (index i) to a binary-counter stack of aligned block sums.
-
-    Level l holds the sum of the last complete aligned block of 2**l chunks. Summing in this
-    fixed pairwise tree (instead of left to right) makes the total independent of how chunks are
-    split over devices: each device's sum is a subtree of the same tree. Only the levels that
-    merge are read (trailing ones of i) and one level is written, in place.
-    """
-    carries = jnp.int32(0)
-    for lvl in range(jax.tree.leaves(stack)[0].shape[0]):  # trailing ones of i
-        carries = carries + jnp.where((i + 1) % (2 ** (lvl + 1)) == 0, 1, 0)
-
-    def one(st, gl):
-        new = jax.lax.fori_loop(0, carries, lambda l, acc: jax.lax.dynamic_index_in_dim(st, l, 0, False) + acc, gl)
-        return jax.lax.dynamic_update_index_in_dim(st, new, carries, 0)
-
-    return jax.tree.map(one, stack, g)
-
-
-def _pop_pairwise(stack, n: int):
-    """Total of a stack after n pushes: combine the partial blocks from the largest down."""
-    def one(st):
-        total = None
-        for lvl in reversed(range(st.shape[0])):
-            if (n >> lvl) & 1:
-                total = st[lvl] if total is None else total + st[lvl]
-        return total
-
-    return jax.tree.map(one, stack)
+    zero = jnp.float32(0.0)
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.int32(0), zero, zero, zero)
+    (grads, _, loss, count, mismatch), _ = jax.lax.scan(body, init, data)
+    return grads, loss, count, mismatch
 
 
 def _tree_allreduce(x, n_dev: int):
-    """Sum over the data axis by recursive doubling: the same pairwise tree on every device count
-    (a power of two), so the result is bit-identical to one device summing the same blocks."""
+    """Sum over the data axis by recursive doubling (a power of two of devices): a fixed order, so
+    2 processes x 2 devices give the bits of 1 process x 4 devices, whatever the collectives'
+    own reduction order."""
     for r in range(n_dev.bit_length() - 1):
         perm = [(d, d ^ (1 << r)) for d in range(n_dev)]
         x = jax.tree.map(lambda a: a + jax.lax.ppermute(a, sharding.DATA, perm), x)
@@ -185,12 +234,15 @@ class StepMetrics(NamedTuple):
     loss: jax.Array
     grad_norm: jax.Array
     tokens: jax.Array  # trained (valid-target) tokens in the step
-    logp_mismatch: jax.Array  # mean |sampler logp − learner logp| over trained tokens
+    logp_mismatch: jax.Array  # mean |sampler logp − learner logp| over the trained tokens computed
     skipped: jax.Array  # 1 if the update was skipped (non-finite loss or gradients)
 
 
-def _grads_and_metrics(config, spec, mesh, params, batch):
-    n_global = jnp.maximum(jnp.sum(batch.targets >= 0).astype(jnp.float32), 1.0)
+def _grads_and_metrics(config, spec, mesh, params, batch: Packed):
+    """(gradient of −objective, −objective, trained tokens of the step, mean |logp mismatch|
+    over the tokens computed)."""
+    tokens = jnp.sum(batch.row_tokens).astype(jnp.float32)
+    n_global = jnp.maximum(tokens, 1.0)
 
     def local(p, b):
         g, loss, count, mm = _local_grads(config, spec, p, b, n_global)
@@ -204,11 +256,12 @@ def _grads_and_metrics(config, spec, mesh, params, batch):
     if mesh is not None and sharding.data_size(mesh) > 1:
         rows, rep = sharding.data_spec(), sharding.replicated_spec()
         local = sharding.shard_map(local, mesh, in_specs=(rep, rows), out_specs=rep)
-    return local(params, batch)
+    g, loss, count, mismatch = local(params, batch)
+    return g, loss, tokens, mismatch / jnp.maximum(count, 1.0)
 
 
-def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch: Batch):
-    """One optimizer step on a whole RL step's rows. Returns (params, opt_state, StepMetrics)."""
+def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch: Packed):
+    """One optimizer step on a whole RL step's packed rows. Returns (params, opt_state, StepMetrics)."""
     grads, loss, count, mismatch = _grads_and_metrics(config, spec, mesh, params, batch)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -216,7 +269,7 @@ def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch
     new_params = optax.apply_updates(params, updates)
     params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
     opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, opt_state)
-    metrics = StepMetrics(loss, grad_norm, count, mismatch / jnp.maximum(count, 1.0), (~finite).astype(jnp.int32))
+    metrics = StepMetrics(loss, grad_norm, count, mismatch, (~finite).astype(jnp.int32))
     return params, opt_state, metrics
 
 

@@ -133,7 +133,8 @@ def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task,
         idx = (start + step * rows + np.arange(rows)) % len(train_task)
         batch, seq_len = demonstration_batch(tokenizer, train_task, idx, config.sequence_len)
         t = time.perf_counter()
-        params, opt_state, m = train_step(params, opt_state, jax.device_put(batch, sharding.data_sharding(mesh)))
+        packed = rl.pack(batch, tokenizer.specials.assistant_end, sharding.data_size(mesh), cfg.device_batch_size)
+        params, opt_state, m = train_step(params, opt_state, jax.device_put(packed, sharding.data_sharding(mesh)))
         m = jax.device_get(m)
         if m.skipped:
             raise FloatingPointError(f"warm-start step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}; "

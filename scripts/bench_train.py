@@ -56,7 +56,7 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     if rows % sharding.data_size(mesh) or local % chunk or chunk % args.device_batch_size:
         raise SystemExit(f"--rows {rows} must split into {sharding.data_size(mesh)} device(s) x whole chunks of "
                          f"--chunk-rows {chunk}, a multiple of --device-batch-size {args.device_batch_size}")
-    batch = distributed.global_batch(random_batch(config, rows, T, args.seed), mesh, 0)
+    batch = distributed.global_batch(random_batch(config, rows, T, args.seed), mesh, 0, chunk)
     flops = bench_device.train_flops_per_token(config, T) * rows * T
     out = {"rows": rows, "seq_len": T, "tokens": rows * T, "flops_per_step": flops,
            "device_batch_size": args.device_batch_size, "chunk_rows": args.chunk_rows or args.device_batch_size}
@@ -156,7 +156,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     loss_spec = rl.LossSpec(dbs, S // dbs, Q, chunk_rows=args.chunk_rows)
     train_step = rl.compiled_train_step(config, loss_spec, optimizer, mesh)
     sargs = rollout.SamplingArgs(S, M, args.temperature, args.top_k, args.seed)
-    steps = []
+    steps, train_len = [], 0
     with tempfile.TemporaryDirectory() as run_dir:
         writer = MetricsWriter(run_dir, "dummy", {})
         for step in range(num_steps):
@@ -167,7 +167,8 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             res = rollout.run_round(config, params, tok, task, questions, sargs, tool=tool, step=step, mesh=mesh)
             t1 = time.perf_counter()
             batch = rollout.make_batch(res, S, specials.assistant_end)
-            batch = distributed.global_batch(batch, mesh, specials.assistant_end)
+            batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len)
+            train_len = batch.inputs.shape[1]
             t2 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, batch)
             m = jax.device_get(m)
@@ -177,7 +178,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
             steps.append({"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
                           "train_s": t3 - t2, "logging_s": t4 - t3, "gen_tokens": res.gen_tokens,
-                          "train_tokens": int(batch.inputs.size), "seq_len": int(batch.inputs.shape[1]),
+                          "train_tokens": int(np.sum(jax.device_get(batch.bins))) * train_len, "seq_len": int(batch.inputs.shape[1]),
                           "tool_host_s": (tool.seconds if tool else 0.0) - tool_s, "recompiled": recompiled})
         writer.close()
     return _rl_figures(steps, Q, S, M, dbs, ctx, ceil)

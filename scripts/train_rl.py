@@ -105,6 +105,7 @@ def forget_from(step: int):
 
 
 start_step, consecutive_skips = 0, 0
+train_len = 0  # packed training length: only grows, so the train step compiles once per new length
 if cfg.resume and ckpt.latest_step() is not None:
     try:  # refuse before touching state
         allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())
@@ -114,6 +115,7 @@ if cfg.resume and ckpt.latest_step() is not None:
                                sharding=sharding.replicated(mesh))
     params, opt_state = state["params"], state["opt_state"]
     start_step = meta["next_step"]
+    train_len = int(meta.get("train_len", 0))  # the same bins as the uninterrupted run
     assert meta["cursor"] == start_step * cfg.examples_per_step, f"data cursor {meta['cursor']} != next step {start_step}"
     if jax.process_index() == 0:
         forget_from(start_step)
@@ -164,7 +166,7 @@ def evaluate(step: int):
 def save(step: int):
     """Checkpoint the state after step `step`'s update (resume continues at step + 1), then export."""
     meta = {"step": step, "next_step": step + 1, "config": cfg.to_dict(), "cursor": (step + 1) * cfg.examples_per_step,
-            "model_config": model_config.to_dict(), "seed": cfg.seed}
+            "model_config": model_config.to_dict(), "seed": cfg.seed, "train_len": train_len}
     try:
         ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
         if cfg.export_nanochat and jax.process_index() == 0:
@@ -198,7 +200,9 @@ for step in bar:
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
     if step in inject_nan_steps:
         batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
-    batch = distributed.global_batch(batch, mesh, specials.assistant_end)
+    batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
+                                     cfg.train_skip_zero_advantage)
+    train_len = batch.inputs.shape[1]
     reward_s = time.perf_counter() - t_reward
     # -- update
     t0 = time.perf_counter()

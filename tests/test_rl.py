@@ -75,11 +75,11 @@ def test_loss_matches_nanochat_formula():
         n = max(1, int((b.targets[rows] >= 0).sum()))
         expected += -np.sum(-nll[rows] * b.advantages[rows, None]) / (n * 2 * 2)
     spec = rl.LossSpec(device_batch_size=2, num_passes=2, examples_per_step=2)
-    _, loss, count, _ = rl._grads_and_metrics(CFG, spec, None, params, b)
+    _, loss, count, _ = rl._grads_and_metrics(CFG, spec, None, params, rl.pack(b, PAD, chunk=2))
     assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert int(count) == int((b.targets >= 0).sum())
     g_spec = rl.LossSpec(2, 2, 2, token_norm="global")
-    _, g_loss, _, _ = rl._grads_and_metrics(CFG, g_spec, None, params, b)
+    _, g_loss, _, _ = rl._grads_and_metrics(CFG, g_spec, None, params, rl.pack(b, PAD, chunk=2))
     expected_g = -np.sum(-nll * b.advantages[:, None]) / (b.targets >= 0).sum()
     assert float(g_loss) == pytest.approx(expected_g, rel=1e-5, abs=1e-7)
 
@@ -87,11 +87,10 @@ def test_loss_matches_nanochat_formula():
 def test_one_vs_eight_devices_same_update():
     """The shard_mapped step on 8 simulated CPU devices equals the single-device step.
 
-    Gradients are summed in the same pairwise tree on any power-of-two device count, but XLA
-    compiles the per-device micro-batch loop differently for different trip counts, so the
-    gradients agree to float32 rounding (checked relative to each leaf's scale), and the updated
-    params after one nanochat optimizer step agree within 1e-6. (Over several steps Adam's
-    per-element normalisation can amplify rounding noise on gradients that are ~0 in theory.)
+    Each device packs its own rows, so the rows share bins differently and the gradients agree
+    to float32 rounding (checked relative to each leaf's scale); the updated params after one
+    nanochat optimizer step agree within 1e-6. (Over several steps Adam's per-element
+    normalisation can amplify rounding noise on gradients that are ~0 in theory.)
     """
     assert jax.device_count() >= 8, "conftest simulates 8 CPU devices"
     rng = np.random.default_rng(1)
@@ -101,7 +100,9 @@ def test_one_vs_eight_devices_same_update():
     outs = []
     for mesh in (None, sharding.make_mesh()):
         params = _params()
-        batch = b if mesh is None else jax.device_put(b, sharding.data_sharding(mesh))
+        n_dev = 1 if mesh is None else sharding.data_size(mesh)
+        batch = rl.pack(b, PAD, n_dev, chunk=2)
+        batch = batch if mesh is None else jax.device_put(batch, sharding.data_sharding(mesh))
         grads, loss, _, _ = jax.jit(lambda p, x: rl._grads_and_metrics(CFG, spec, mesh, p, x))(params, batch)
         new, _, m = rl.compiled_train_step(CFG, spec, opt, mesh)(params, opt.init(params), batch)
         outs.append((jax.device_get(grads), jax.device_get(new), float(m.loss)))
@@ -122,7 +123,7 @@ def test_nonfinite_step_is_skipped():
     params = _params()
     state = opt.init(params)
     before = jax.device_get(params)
-    new, _, m = rl.compiled_train_step(CFG, spec, opt, None)(params, state, b)
+    new, _, m = rl.compiled_train_step(CFG, spec, opt, None)(params, state, rl.pack(b, PAD, chunk=2))
     assert int(m.skipped) == 1
     for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new))):
         np.testing.assert_array_equal(a, c)
@@ -134,7 +135,7 @@ def test_gradient_is_reinforce_gradient():
     b = _example_batch(rng)
     spec = rl.LossSpec(2, 2, 2)
     params = _params()
-    grads, *_ = rl._grads_and_metrics(CFG, spec, None, params, b)
+    grads, *_ = rl._grads_and_metrics(CFG, spec, None, params, rl.pack(b, PAD, chunk=2))
 
     def objective(p):
         nll = gpt.token_nll(CFG, p, b.inputs, b.targets).reshape(4, 2, -1)
@@ -146,3 +147,62 @@ def test_gradient_is_reinforce_gradient():
     ref = jax.grad(objective)(params)
     for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, c, atol=2e-6, rtol=1e-4)
+
+
+def _ragged_batch(rng, rows, T_max=60):
+    """Rows of random lengths, prompts of random lengths, some rows with no target."""
+    seqs, masks = [], []
+    for _ in range(rows):
+        n = int(rng.integers(2, T_max))
+        p = int(rng.integers(1, n))
+        seqs.append(list(rng.integers(0, 290, size=n)))
+        masks.append([0] * p + list(rng.integers(0, 2, size=n - p)))
+    return seqs, masks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_forward_equals_one_row_per_sequence(seed):
+    """Packed bins give every trained token the log-prob it gets alone in its own row (property)."""
+    rng = np.random.default_rng(100 + seed)
+    seqs, masks = _ragged_batch(rng, 12)
+    adv = rng.standard_normal(12).astype(np.float32)
+    adv[rng.integers(0, 12, size=3)] = 0.0
+    b = rl.build_batch(seqs, masks, adv, PAD)
+    pk = rl.pack(b, PAD, n_dev=2, chunk=4, min_len=int(rng.choice([0, 128])))
+    assert pk.inputs.shape[0] == 2 * 8 and pk.inputs.shape[1] >= b.inputs.shape[1]
+    params = _params(seed)
+    ref = np.asarray(gpt.token_nll(CFG, params, b.inputs, b.targets))
+    got = np.asarray(gpt.nll_from_logits(gpt.forward(CFG, params, pk.inputs, pk.positions, pk.segments), pk.targets))
+    per = 6  # rows per device
+    seen = np.zeros(12, int)
+    for g in range(pk.inputs.shape[0]):
+        d = g // 8
+        for t in np.nonzero(pk.rows[g] >= 0)[0]:
+            r = d * per + pk.rows[g, t]
+            pos = pk.positions[g, t]
+            assert pk.inputs[g, t] == b.inputs[r, pos] and pk.targets[g, t] == b.targets[r, pos]
+            if pk.targets[g, t] >= 0:
+                seen[r] += 1
+                assert got[g, t] == pytest.approx(ref[r, pos], abs=2e-5)
+    trained = (b.targets >= 0).sum(axis=1)
+    kept = (trained > 0) & (adv != 0)
+    np.testing.assert_array_equal(seen, np.where(kept, trained, 0))  # every kept target once, no other
+    np.testing.assert_array_equal(pk.row_tokens, trained)
+    assert (pk.bins <= 6).all() and (pk.bins >= 1).all()
+
+
+def test_pack_keeps_the_objective_and_gradient():
+    """Packing (with zero-advantage rows dropped) changes neither the loss nor the gradient."""
+    rng = np.random.default_rng(7)
+    seqs, masks = _ragged_batch(rng, 8)
+    rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0], np.float32)  # question 0: all correct -> advantage 0
+    b = rl.build_batch(seqs, masks, rl.advantages(rewards, 4), PAD)
+    spec = rl.LossSpec(2, 2, 2)
+    params = _params(5)
+    outs = [rl._grads_and_metrics(CFG, spec, None, params, rl.pack(b, PAD, chunk=2, skip_zero_advantage=s))
+            for s in (False, True)]
+    assert float(outs[0][1]) == pytest.approx(float(outs[1][1]), rel=1e-5, abs=1e-8)
+    assert int(outs[0][2]) == int(outs[1][2]) == int((b.targets >= 0).sum())
+    for a, c in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
+        np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
+    assert int(rl.pack(b, PAD, chunk=2).bins[0]) < int(rl.pack(b, PAD, chunk=2, skip_zero_advantage=False).bins[0])
