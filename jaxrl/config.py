@@ -115,10 +115,11 @@ class RLConfig:
                          "tokens of the step.", choices=TOKEN_NORMS)
     train_on_end_token: bool = _f(False, "Also train on the final <|assistant_end|> token "
                                   "(nanochat never does, SPEC §9 quirk 3).")
-    train_chunk_rows: int = _f(0, "Packed rows (bins of the step's longest row, holding one or more "
-                               "rows each) per forward/backward on each device; 0 = device_batch_size "
-                               "(nanochat's memory use). Larger is faster on accelerators; the loss is "
-                               "still normalised per device_batch_size pass. Must divide each device's rows.")
+    train_chunk_rows: int = _f(0, "Packed rows (bins as long as the step's longest row, each holding one "
+                               "or more rows) per forward/backward on each device; 0 = device_batch_size "
+                               "(at most nanochat's memory use). Larger is faster on accelerators, smaller "
+                               "wastes less of the last chunk; the loss is still normalised per "
+                               "device_batch_size pass, whatever this is.")
     train_skip_zero_advantage: bool = _f(True, "Leave rows whose advantage is exactly 0 out of the "
                                          "forward/backward: their gradient is exactly 0 and their tokens "
                                          "still count in the normalisation, so the update is nanochat's; "
@@ -360,9 +361,6 @@ def _problems(c: RLConfig, world_size: int) -> list[str]:
         divisors = ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
         p.append(f"num_samples ({n}) must be a multiple of device_batch_size ({d}): set num_samples "
                  f"to {_near_multiples(n, d)}, or device_batch_size to a divisor of {n} ({divisors})")
-    if c.train_chunk_rows and c.device_batch_size >= 1 and c.train_chunk_rows % c.device_batch_size:
-        p.append(f"train_chunk_rows ({c.train_chunk_rows}) must be a multiple of device_batch_size "
-                 f"({c.device_batch_size}): set it to {_near_multiples(c.train_chunk_rows, c.device_batch_size)} or 0")
     if world_size < 1:
         p.append(f"world_size must be >= 1, found {world_size}")
     elif c.examples_per_step >= 1 and c.examples_per_step % world_size:

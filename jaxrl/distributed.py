@@ -79,11 +79,12 @@ def sum_scalar(x: float) -> float:
 
 
 def global_batch(batch: rl.Batch, mesh, pad_id: int, chunk: int, min_len: int = 0,
-                 skip_zero_advantage: bool = True) -> rl.Packed:
+                 skip_zero_advantage: bool = True, group: int = 1) -> rl.Packed:
     """Process-local rows -> packed arrays sharded over the data axis of the global mesh.
 
     Every process pads its rows to the same length (the global maximum, at least `min_len`) and
-    packs each of its devices' rows (`rl.pack`), so the global batch is exactly what one process
+    packs each of its devices' rows (`rl.pack`; `group` rows, a question's samples, share their
+    prompt), so the global batch is exactly what one process
     holding all rows would build.
     """
     T = int(np.max(gather_rows(np.array([batch.inputs.shape[1]]))))
@@ -95,7 +96,7 @@ def global_batch(batch: rl.Batch, mesh, pad_id: int, chunk: int, min_len: int = 
 
     local = rl.Batch(pad(batch.inputs, pad_id), pad(batch.targets, -1), batch.advantages, pad(batch.sampler_logp, 0))
     n_local = sharding.data_size(mesh) // jax.process_count()
-    packed = rl.pack(local, pad_id, n_local, chunk, min_len, skip_zero_advantage)
+    packed = rl.pack(local, pad_id, n_local, chunk, min_len, skip_zero_advantage, group)
     target = sharding.data_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(packed, target)

@@ -253,12 +253,21 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], axis=-1)
 
 
-def attend(q, k, v, q_pos, k_pos, window: int | None, segments=None):
+class Packing(NamedTuple):
+    """Several sequences laid end to end in each row (training). A sequence may continue a shared
+    prefix: the samples of one prompt attend to one copy of the prompt."""
+
+    segments: jax.Array  # (B,T) int32 id of each token's piece (prefix or continuation)
+    parents: jax.Array  # (B,T) int32 id of the prefix a continuation extends (its own id otherwise)
+    prev_index: jax.Array  # (B,T) int32 index of the previous token of the same sequence (smear)
+
+
+def attend(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | None = None):
     """Grouped-query attention with a causal (and optional left-window) mask over absolute positions.
 
     q (B,T,H,Dh), k/v (B,S,K,Dh), q_pos (B,T), k_pos (B,S) -> (B,T,H,Dh). Keys at negative
-    positions (left padding of shorter prompts) are never attended to. `segments` (B,T) with
-    S == T (packed training rows): a query sees only keys of its own segment.
+    positions (left padding of shorter prompts) are never attended to. With `packing` (S == T):
+    a query sees only keys of its own piece and of the prefix its piece continues.
     """
     B, T, H, hd = q.shape
     K = k.shape[2]
@@ -268,8 +277,9 @@ def attend(q, k, v, q_pos, k_pos, window: int | None, segments=None):
     mask = (delta >= 0) & (k_pos[:, None, :] >= 0)  # negative positions are left padding
     if window is not None:
         mask = mask & (delta <= window)
-    if segments is not None:
-        mask = mask & (segments[:, :, None] == segments[:, None, :])
+    if packing is not None:
+        seg_k = packing.segments[:, None, :]
+        mask = mask & ((seg_k == packing.segments[:, :, None]) | (seg_k == packing.parents[:, :, None]))
     # finite: a padding query with no visible key gets a harmless uniform row instead of NaN
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -303,7 +313,7 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
     if cache is None:
-        y, kv = attend(q, k, v, positions, positions, window, layer_kv.get("segments")), (k, v)
+        y, kv = attend(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
     else:
         y, kv = cache.attend(i, q, k, v, positions, window)
     return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
@@ -369,7 +379,7 @@ def _mlp(lp, u):
     return linear(h * h, lp["mlp"]["c_proj"]["weight"])
 
 
-def _embed(config, params, idx, prev_emb, positions):
+def _embed(config, params, idx, prev_emb, positions, prev_index=None):
     """Normalised token embedding with smear (gen-2026-07). Returns (x, pre-smear e).
 
     Smear reads the previous token's pre-smear embedding (`prev_emb` for the chunk's first
@@ -381,13 +391,16 @@ def _embed(config, params, idx, prev_emb, positions):
     lam = params["smear_lambda"].astype(e.dtype)[0]
     gate_w = params["smear_gate"]["weight"]
     gate = jax.nn.sigmoid(linear(e[..., :SMEAR_CHANNELS], gate_w))  # (B,T,1)
-    prev = jnp.concatenate([prev_emb[:, None, :].astype(e.dtype), e[:, :-1]], axis=1)
+    if prev_index is None:
+        prev = jnp.concatenate([prev_emb[:, None, :].astype(e.dtype), e[:, :-1]], axis=1)
+    else:  # packed rows: the previous token of the same sequence (a shared prefix's last token)
+        prev = jnp.take_along_axis(e, prev_index[..., None], axis=1)
     prev = jnp.where((positions > 0)[..., None], prev, jnp.zeros_like(prev))
     return e + lam * gate * prev, e
 
 
 def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | None = None, prev_emb=None,
-          segments=None):
+          packing: Packing | None = None):
     """Embedding, blocks, backout and final norm.
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
@@ -395,15 +408,15 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
     With a cache view (T=1 decode, `_SlotView`/`_SharedView`), attention goes through the view,
     which also records this token's k/v.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
-    `segments` (B,T), no cache: several sequences packed in a row, each with positions from 0;
-    attention stays within a segment (smear already stops at position 0).
+    `packing` (no cache): several sequences packed in each row, each with its own positions from
+    0; attention and smear stay within a sequence (see Packing).
     Returns x (B,T,D) after the final norm, per-layer (k, v) (None with a cache view), and the
     last pre-smear embedding (B,D).
     """
     B, T = idx.shape
     if prev_emb is None:  # smear for position 0 has nothing to read
         prev_emb = jnp.zeros((B, config.n_embd), config.dtype)
-    x, e = _embed(config, params, idx, prev_emb, positions)
+    x, e = _embed(config, params, idx, prev_emb, positions, None if packing is None else packing.prev_index)
     x0 = x
     rope = rotary(config, positions)
     windows = config.window_sizes()
@@ -413,7 +426,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | No
         lp = params["transformer"]["h"][str(i)]
         if config.has_lambdas:
             x = params["resid_lambdas"][i].astype(x.dtype) * x + params["x0_lambdas"][i].astype(x.dtype) * x0
-        extra = {"rope": rope, "segments": segments}
+        extra = {"rope": rope, "packing": packing}
         if config.has_ve(i):
             extra["ve"] = params["value_embeds"][str(i)]["weight"]
         out, kv = _block_attn(config, lp, i, rms_norm(x), idx, positions, windows[i], cache, extra)
@@ -436,18 +449,18 @@ def logits_from_hidden(config: GPTConfig, params: Params, x):
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
-def forward(config: GPTConfig, params: Params, idx, positions=None, segments=None) -> jax.Array:
+def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Packing | None = None) -> jax.Array:
     """Full-sequence logits, float32 (B, T, V) after softcap and vocab crop.
 
-    Default: one sequence per row at positions 0..T-1. Packed rows pass `positions` (restarting
-    at 0 for each sequence) and `segments` (B,T) ids: then every token sees exactly what it would
-    see alone in its own row.
+    Default: one sequence per row at positions 0..T-1. Packed rows pass `positions` (from 0 in
+    each sequence) and `packing`: then every token sees exactly what it would see alone in its
+    own row.
     """
     idx = jnp.asarray(idx, jnp.int32)
     B, T = idx.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    x, _, _ = trunk(config, params, idx, positions, segments=segments)
+    x, _, _ = trunk(config, params, idx, positions, packing=packing)
     return logits_from_hidden(config, params, x)
 
 

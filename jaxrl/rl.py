@@ -98,8 +98,9 @@ def build_batch(sequences, masks, advantages_, pad_id: int, *, sampler_logp=None
 
 class Packed(NamedTuple):
     """A step's rows packed for training: on each device, rows are laid end to end in bins of T
-    tokens (each row keeps its own positions and sees only itself), so the forward/backward runs
-    on the tokens that carry a gradient instead of on every row padded to the longest one.
+    tokens, and the samples of one question attend to one copy of their common prompt, so the
+    forward/backward runs on the tokens that carry a gradient (plus one prompt per bin) instead
+    of on every row padded to the longest one. Every token sees what it sees in its own row.
 
     Bin arrays (n_dev · bins_per_device, T) and row arrays (R,) are both split over the data axis:
     device d holds bins [d·B, (d+1)·B) and rows [d·R/n, (d+1)·R/n), `rows` indexing the latter.
@@ -108,27 +109,36 @@ class Packed(NamedTuple):
     inputs: np.ndarray  # (NB, T) int32 token ids (pad where empty)
     targets: np.ndarray  # (NB, T) int32, -1 = not trained on
     positions: np.ndarray  # (NB, T) int32 position of each token in its own row
-    segments: np.ndarray  # (NB, T) int32 row slot within the bin, 1-based; 0 = empty
-    rows: np.ndarray  # (NB, T) int32 the token's row, indexed within its device's rows; -1 = empty
+    segments: np.ndarray  # (NB, T) int32 piece id within the bin (a prompt copy or a continuation), 0 = empty
+    parents: np.ndarray  # (NB, T) int32 the prompt copy a continuation extends (else its own id)
+    prev_index: np.ndarray  # (NB, T) int32 index in the bin of the previous token of the same row
+    rows: np.ndarray  # (NB, T) int32 the token's row, indexed within its device's rows; -1 = none
     sampler_logp: np.ndarray  # (NB, T) f32
     advantages: np.ndarray  # (R,) f32, rows in the Batch's order
     row_tokens: np.ndarray  # (R,) int32 trained tokens of each row (all rows, packed or not)
     bins: np.ndarray  # (n_dev,) int32 bins in use on each device
 
+    def packing(self) -> gpt.Packing:
+        return gpt.Packing(self.segments, self.parents, self.prev_index)
+
 
 def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int = 0,
-         skip_zero_advantage: bool = True) -> Packed:
+         skip_zero_advantage: bool = True, group: int = 1) -> Packed:
     """Pack each device's share of `batch` (contiguous blocks of R/n_dev rows) into bins.
 
     A row is cut after its last target (later tokens cannot change earlier ones); rows without a
     target, and with `skip_zero_advantage` rows whose advantage is exactly 0 (their gradient is
     exactly 0), are left out; their tokens still count in the normalisation (`row_tokens`).
-    Bins hold T = max(batch length, min_len) tokens (a caller keeps T fixed across steps to
-    avoid recompiling); first-fit decreasing. Each device gets the same number of bin slots, a
-    multiple of `chunk` (bins per forward/backward), enough for the unpacked worst case.
+    Rows of one `group` (a question's samples, contiguous) share their common untrained prefix
+    (the prompt): a bin holds one copy of it, and each row's continuation (from the prompt's last
+    token on) attends to that copy. Bins hold T = max(batch length, min_len) tokens (a caller
+    keeps T fixed across steps to avoid recompiling); first fit, longest first. Each device gets
+    the same number of bin slots, a multiple of `chunk` (bins per forward/backward), enough for
+    the unpacked worst case.
     """
     inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
     adv = np.asarray(batch.advantages, np.float32)
+    lp = np.asarray(batch.sampler_logp, np.float32)
     R, T0 = inputs.shape
     if R % n_dev:
         raise ValueError(f"{R} training rows do not split over {n_dev} devices")
@@ -137,31 +147,58 @@ def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int
     nb = -(-per // chunk) * chunk
     valid = targets >= 0
     row_tokens = valid.sum(axis=1).astype(np.int32)
-    length = np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0)
+    first = np.argmax(valid, axis=1)
+    end = np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0)
     keep = (row_tokens > 0) & ~(skip_zero_advantage & (adv == 0))
     out = {k: np.full((n_dev * nb, T), fill, dt) for k, fill, dt in (
         ("inputs", pad_id, np.int32), ("targets", -1, np.int32), ("positions", 0, np.int32),
-        ("segments", 0, np.int32), ("rows", -1, np.int32), ("sampler_logp", 0.0, np.float32))}
-    lp = np.asarray(batch.sampler_logp, np.float32)
+        ("segments", 0, np.int32), ("parents", 0, np.int32), ("rows", -1, np.int32),
+        ("sampler_logp", 0.0, np.float32))}
+    out["prev_index"] = np.tile(np.arange(T, dtype=np.int32), (n_dev * nb, 1))
     bins = np.zeros(n_dev, np.int32)
+
+    def put(g, o, sl, pos0, seg, parent, prev0):
+        n = sl.stop - sl.start
+        out["positions"][g, o:o + n] = np.arange(pos0, pos0 + n)
+        out["segments"][g, o:o + n] = seg
+        out["parents"][g, o:o + n] = parent
+        out["prev_index"][g, o:o + n] = np.concatenate([[prev0], np.arange(o, o + n - 1)])
+
     for d in range(n_dev):
-        mine = [r for r in range(d * per, (d + 1) * per) if keep[r]]
-        mine.sort(key=lambda r: (-length[r], r))
-        fill, slots = [], []  # per open bin: tokens used, rows placed
-        for r in mine:
-            b = next((j for j, f in enumerate(fill) if f + length[r] <= T), len(fill))
-            if b == len(fill):
-                fill.append(0)
-                slots.append(0)
-            o, n, g = fill[b], int(length[r]), d * nb + b
-            slots[b] += 1
-            out["inputs"][g, o:o + n] = inputs[r, :n]
-            out["targets"][g, o:o + n] = targets[r, :n]
-            out["positions"][g, o:o + n] = np.arange(n)
-            out["segments"][g, o:o + n] = slots[b]
-            out["rows"][g, o:o + n] = r - d * per
-            out["sampler_logp"][g, o:o + n] = lp[r, :n]
-            fill[b] += n
+        fill, pieces, prompts = [], [], {}  # per bin: tokens used, pieces placed; (bin, group) -> prompt copy
+        for g0 in range(d * per, (d + 1) * per, group):
+            mine = [r for r in range(g0, min(g0 + group, (d + 1) * per)) if keep[r]]
+            if not mine:
+                continue
+            P = int(min(first[r] for r in mine)) if len(mine) > 1 else 0
+            for r in mine[1:]:  # the common prefix of the kept rows
+                diff = np.nonzero(inputs[r, :P] != inputs[mine[0], :P])[0]
+                P = int(diff[0]) if len(diff) else P
+            for r in sorted(mine, key=lambda r: (-end[r], r)):
+                c = int(end[r]) - P
+                b = next((j for j in range(len(fill)) if (j, g0) in prompts and fill[j] + c <= T), None)
+                if b is None:
+                    b = next((j for j, f in enumerate(fill) if f + P + c <= T), len(fill))
+                    if b == len(fill):
+                        fill.append(0)
+                        pieces.append(0)
+                    if P:
+                        o, gb = fill[b], d * nb + b
+                        pieces[b] += 1
+                        out["inputs"][gb, o:o + P] = inputs[r, :P]
+                        put(gb, o, slice(0, P), 0, pieces[b], pieces[b], o)
+                        prompts[(b, g0)] = (pieces[b], o + P - 1)
+                        fill[b] += P
+                o, gb = fill[b], d * nb + b
+                pieces[b] += 1
+                parent, prev0 = prompts[(b, g0)] if P else (pieces[b], o)
+                sl = slice(P, int(end[r]))
+                out["inputs"][gb, o:o + c] = inputs[r, sl]
+                out["targets"][gb, o:o + c] = targets[r, sl]
+                out["sampler_logp"][gb, o:o + c] = lp[r, sl]
+                out["rows"][gb, o:o + c] = r - d * per
+                put(gb, o, sl, P, pieces[b], parent, prev0)
+                fill[b] += c
         bins[d] = len(fill)
     return Packed(**out, advantages=adv, row_tokens=row_tokens, bins=bins)
 
@@ -181,9 +218,9 @@ def row_weights(row_tokens, advantages, spec: "LossSpec", n_global_tokens):
     return advantages / jnp.repeat(per_pass, dbs, total_repeat_length=row_tokens.shape[0])
 
 
-def _chunk_terms(config, params, inputs, targets, positions, segments, weights, sampler_logp):
+def _chunk_terms(config, params, inputs, targets, positions, packing, weights, sampler_logp):
     """−objective of one chunk of bins, its trained-token count, and the logp mismatch sum."""
-    logits = gpt.forward(config, params, inputs, positions, segments)
+    logits = gpt.forward(config, params, inputs, positions, packing)
     nll = gpt.nll_from_logits(logits, targets)
     valid = targets >= 0
     loss = jnp.sum(nll * weights)  # = −Σ logp·w; nll is 0 where target is -1
@@ -200,7 +237,7 @@ def _local_grads(config, spec: "LossSpec", params, batch: Packed, n_global_token
     w_row = row_weights(batch.row_tokens, batch.advantages, spec, n_global_tokens)
     w_tok = jnp.where(batch.rows >= 0, w_row[jnp.maximum(batch.rows, 0)], 0.0)
     chunk = min(spec.chunk_rows, batch.inputs.shape[0])
-    data = (batch.inputs, batch.targets, batch.positions, batch.segments, w_tok, batch.sampler_logp)
+    data = (batch.inputs, batch.targets, batch.positions, batch.packing(), w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
     n_max = data[0].shape[0]
     n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk

@@ -53,9 +53,9 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     rows, T = args.rows, args.seq_len
     local = rows // sharding.data_size(mesh)
     chunk = args.chunk_rows or args.device_batch_size
-    if rows % sharding.data_size(mesh) or local % chunk or chunk % args.device_batch_size:
+    if rows % sharding.data_size(mesh) or local % chunk or local % args.device_batch_size:
         raise SystemExit(f"--rows {rows} must split into {sharding.data_size(mesh)} device(s) x whole chunks of "
-                         f"--chunk-rows {chunk}, a multiple of --device-batch-size {args.device_batch_size}")
+                         f"--chunk-rows {chunk} and whole passes of --device-batch-size {args.device_batch_size}")
     batch = distributed.global_batch(random_batch(config, rows, T, args.seed), mesh, 0, chunk)
     flops = bench_device.train_flops_per_token(config, T) * rows * T
     out = {"rows": rows, "seq_len": T, "tokens": rows * T, "flops_per_step": flops,
@@ -167,7 +167,8 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             res = rollout.run_round(config, params, tok, task, questions, sargs, tool=tool, step=step, mesh=mesh)
             t1 = time.perf_counter()
             batch = rollout.make_batch(res, S, specials.assistant_end)
-            batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len)
+            batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
+                                             group=S)
             train_len = batch.inputs.shape[1]
             t2 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, batch)

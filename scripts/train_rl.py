@@ -47,10 +47,10 @@ local_mesh = sharding.make_mesh(jax.local_devices())
 world = sharding.data_size(mesh)
 cfg.validate(world_size=jax.process_count())
 rows_per_device = cfg.examples_per_step * cfg.num_samples // world
-if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % (cfg.train_chunk_rows or cfg.device_batch_size):
+if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % cfg.device_batch_size:
     raise SystemExit(f"examples_per_step x num_samples = {cfg.examples_per_step * cfg.num_samples} rows do not split into "
-                     f"whole passes of {cfg.train_chunk_rows or cfg.device_batch_size} rows on each of {world} devices: "
-                     f"make examples_per_step a multiple of {world}, or set train_chunk_rows to a divisor of the rows per device")
+                     f"whole passes of {cfg.device_batch_size} rows on each of {world} devices: "
+                     f"make examples_per_step a multiple of {world}")
 run_dir = Path(cfg.out_dir) / cfg.run
 print0(f"run directory: {run_dir.resolve()}")
 print0(f"devices: {world} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), jax {jax.__version__}")
@@ -201,7 +201,7 @@ for step in bar:
     if step in inject_nan_steps:
         batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
     batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
-                                     cfg.train_skip_zero_advantage)
+                                     cfg.train_skip_zero_advantage, cfg.num_samples)
     train_len = batch.inputs.shape[1]
     reward_s = time.perf_counter() - t_reward
     # -- update

@@ -149,30 +149,34 @@ def test_gradient_is_reinforce_gradient():
         np.testing.assert_allclose(a, c, atol=2e-6, rtol=1e-4)
 
 
-def _ragged_batch(rng, rows, T_max=60):
-    """Rows of random lengths, prompts of random lengths, some rows with no target."""
+def _ragged_batch(rng, rows, T_max=60, group=1):
+    """Rows of random lengths; each group of `group` rows shares a prompt of random length (the
+    first continuation token of a row may equal the prompt's next one); some rows have no target."""
     seqs, masks = [], []
-    for _ in range(rows):
-        n = int(rng.integers(2, T_max))
-        p = int(rng.integers(1, n))
-        seqs.append(list(rng.integers(0, 290, size=n)))
-        masks.append([0] * p + list(rng.integers(0, 2, size=n - p)))
+    for _ in range(rows // group):
+        p = int(rng.integers(1, T_max // 2))
+        prompt = list(rng.integers(0, 290, size=p))
+        for _ in range(group):
+            n = int(rng.integers(p + 1, T_max))
+            seqs.append(prompt + list(rng.integers(0, 4, size=n - p)))
+            masks.append([0] * p + list(rng.integers(0, 2, size=n - p)))
     return seqs, masks
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_pack_forward_equals_one_row_per_sequence(seed):
-    """Packed bins give every trained token the log-prob it gets alone in its own row (property)."""
+@pytest.mark.parametrize("seed,group", [(0, 1), (1, 1), (2, 3), (3, 3), (4, 6)])
+def test_pack_forward_equals_one_row_per_sequence(seed, group):
+    """Packed bins give every trained token the log-prob it gets alone in its own row (property),
+    with each group's samples attending to one shared copy of their prompt."""
     rng = np.random.default_rng(100 + seed)
-    seqs, masks = _ragged_batch(rng, 12)
+    seqs, masks = _ragged_batch(rng, 12, group=group)
     adv = rng.standard_normal(12).astype(np.float32)
     adv[rng.integers(0, 12, size=3)] = 0.0
     b = rl.build_batch(seqs, masks, adv, PAD)
-    pk = rl.pack(b, PAD, n_dev=2, chunk=4, min_len=int(rng.choice([0, 128])))
+    pk = rl.pack(b, PAD, n_dev=2, chunk=4, min_len=int(rng.choice([0, 128])), group=group)
     assert pk.inputs.shape[0] == 2 * 8 and pk.inputs.shape[1] >= b.inputs.shape[1]
     params = _params(seed)
     ref = np.asarray(gpt.token_nll(CFG, params, b.inputs, b.targets))
-    got = np.asarray(gpt.nll_from_logits(gpt.forward(CFG, params, pk.inputs, pk.positions, pk.segments), pk.targets))
+    got = np.asarray(gpt.nll_from_logits(gpt.forward(CFG, params, pk.inputs, pk.positions, pk.packing()), pk.targets))
     per = 6  # rows per device
     seen = np.zeros(12, int)
     for g in range(pk.inputs.shape[0]):
@@ -189,20 +193,24 @@ def test_pack_forward_equals_one_row_per_sequence(seed):
     np.testing.assert_array_equal(seen, np.where(kept, trained, 0))  # every kept target once, no other
     np.testing.assert_array_equal(pk.row_tokens, trained)
     assert (pk.bins <= 6).all() and (pk.bins >= 1).all()
+    if group > 1:  # the prompt is stored once per bin, not once per row
+        used = (pk.segments > 0).sum()
+        assert used < sum(int(np.nonzero(b.targets[r] >= 0)[0][-1]) + 1 for r in range(12) if kept[r])
 
 
 def test_pack_keeps_the_objective_and_gradient():
-    """Packing (with zero-advantage rows dropped) changes neither the loss nor the gradient."""
+    """Packing (shared prompts, zero-advantage rows dropped) changes neither the loss nor the gradient."""
     rng = np.random.default_rng(7)
-    seqs, masks = _ragged_batch(rng, 8)
+    seqs, masks = _ragged_batch(rng, 8, group=4)
     rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0], np.float32)  # question 0: all correct -> advantage 0
     b = rl.build_batch(seqs, masks, rl.advantages(rewards, 4), PAD)
     spec = rl.LossSpec(2, 2, 2)
     params = _params(5)
-    outs = [rl._grads_and_metrics(CFG, spec, None, params, rl.pack(b, PAD, chunk=2, skip_zero_advantage=s))
-            for s in (False, True)]
-    assert float(outs[0][1]) == pytest.approx(float(outs[1][1]), rel=1e-5, abs=1e-8)
-    assert int(outs[0][2]) == int(outs[1][2]) == int((b.targets >= 0).sum())
-    for a, c in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
-        np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
+    outs = [rl._grads_and_metrics(CFG, spec, None, params, rl.pack(b, PAD, chunk=2, skip_zero_advantage=s, group=g))
+            for s, g in ((False, 1), (True, 1), (True, 4))]
+    for o in outs[1:]:
+        assert float(outs[0][1]) == pytest.approx(float(o[1]), rel=1e-5, abs=1e-8)
+        assert int(outs[0][2]) == int(o[2]) == int((b.targets >= 0).sum())
+        for a, c in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(o[0])):
+            np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
     assert int(rl.pack(b, PAD, chunk=2).bins[0]) < int(rl.pack(b, PAD, chunk=2, skip_zero_advantage=False).bins[0])
