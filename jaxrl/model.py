@@ -1,8 +1,9 @@
 """The nanochat GPT, all three generations, as pure JAX functions over a params pytree.
 
 Owns: `GPTConfig` (nanochat's GPTConfig fields plus the generation and the compute dtype),
-the parameter table (names, shapes and saved dtypes of nanochat's state dict), init, the
-full-sequence forward used for training, and the KV-cache prefill/decode used by the sampler.
+the parameter table (names, shapes and saved dtypes of nanochat's state dict), init, and the
+full-sequence forward used for training (packed rows too); jaxrl/decode.py runs the same trunk
+with a KV cache for the sampler.
 
 Params are a nested dict made by splitting nanochat's state-dict keys on "." (so
 `transformer.h.0.attn.c_q.weight` lives at `params["transformer"]["h"]["0"]["attn"]["c_q"]["weight"]`),
@@ -287,14 +288,6 @@ def attend(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | None = 
     return out.astype(q.dtype).reshape(B, T, H, hd)
 
 
-class KVCache(NamedTuple):
-    """Decode state. Slot s of a row holds the key/value of that row's absolute position s."""
-
-    k: jax.Array  # (L, B, S, K, Dh)
-    v: jax.Array  # (L, B, S, K, Dh)
-    prev_emb: jax.Array  # (B, D) pre-smear embedding of the last token (gen-2026-07; zeros otherwise)
-
-
 def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     """Attention of layer i. Returns (out (B,T,D), (k, v) of this chunk, or the updated full cache)."""
     B, T, _ = u.shape
@@ -317,61 +310,6 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     else:
         y, kv = cache.attend(i, q, k, v, positions, window)
     return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
-
-
-class _SlotView:
-    """Decode against one (L,B,S,K,Dh) cache: every row writes slot `slot`; slot s of row b holds
-    position s - pad[b]."""
-
-    def __init__(self, k, v, slot, pad):
-        self.k, self.v, self.slot, self.pad = k, v, slot, pad
-
-    def attend(self, i, q, k, v, positions, window):
-        self.k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (i, 0, self.slot, 0, 0))
-        self.v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (i, 0, self.slot, 0, 0))
-        k_pos = jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, :] - self.pad[:, None]
-        return attend(q, self.k[i].astype(q.dtype), self.v[i].astype(q.dtype), positions, k_pos, window), None
-
-
-class _SharedView:
-    """Decode for N samples per prompt: the prompt's keys are read once per prompt, each row's
-    generated keys from its own buffer, of which only the first `gen_len` slots are read."""
-
-    def __init__(self, cache: "SharedCache", col, pad, gen_len: int):
-        self.c, self.col, self.pad, self.gen_len = cache, col, pad, gen_len
-
-    def attend(self, i, q, k, v, positions, window):
-        c = self.c
-        kg = jax.lax.dynamic_update_slice(c.kg, k[None].astype(c.kg.dtype), (i, 0, self.col, 0, 0))
-        vg = jax.lax.dynamic_update_slice(c.vg, v[None].astype(c.vg.dtype), (i, 0, self.col, 0, 0))
-        self.c = c._replace(kg=kg, vg=vg)
-        P, Tp = c.kp.shape[1], c.kp.shape[2]
-        R, _, H, hd = q.shape
-        K = c.kp.shape[3]
-        N, G = R // P, self.gen_len
-        qp = q.reshape(P, N, K, H // K, hd)
-        sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
-        sg = jnp.einsum("rkgd,rskd->rkgs", q.reshape(R, K, H // K, hd), kg[i, :, :G].astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-        q_pos = positions[:, 0]  # (R,)
-        kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
-        kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
-        kp_pos = jnp.repeat(kp_pos, N, axis=0, total_repeat_length=R)
-        kg_pos = jnp.repeat(kg_pos, N, axis=0, total_repeat_length=R)
-        ok_p = (kp_pos >= 0) & (q_pos[:, None] >= kp_pos)
-        ok_g = q_pos[:, None] >= kg_pos
-        if window is not None:
-            ok_p &= q_pos[:, None] - kp_pos <= window
-            ok_g &= q_pos[:, None] - kg_pos <= window
-        low = jnp.finfo(jnp.float32).min
-        scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp.reshape(R, K, H // K, Tp), low),
-                                  jnp.where(ok_g[:, None, None], sg, low)], axis=-1) / math.sqrt(hd)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        pp, pg = probs[..., :Tp].reshape(P, N, K, H // K, Tp), probs[..., Tp:]
-        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype), preferred_element_type=jnp.float32)
-        y = y.reshape(R, K, H // K, hd) + jnp.einsum("rkgs,rskd->rkgd", pg, vg[i, :, :G].astype(q.dtype),
-                                                      preferred_element_type=jnp.float32)
-        return y.astype(q.dtype).reshape(R, 1, H, hd), None
 
 
 def _mlp(lp, u):
@@ -399,13 +337,13 @@ def _embed(config, params, idx, prev_emb, positions, prev_index=None):
     return e + lam * gate * prev, e
 
 
-def trunk(config: GPTConfig, params: Params, idx, positions, cache: KVCache | None = None, prev_emb=None,
+def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_emb=None,
           packing: Packing | None = None):
     """Embedding, blocks, backout and final norm.
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
     positions are 0..T-1, or shifted left by a row's padding (negative = padding, never attended).
-    With a cache view (T=1 decode, `_SlotView`/`_SharedView`), attention goes through the view,
+    With a cache view (T=1 decode, `decode.SlotView`/`decode.SharedView`), attention goes through the view,
     which also records this token's k/v.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
     `packing` (no cache): several sequences packed in each row, each with its own positions from
@@ -475,72 +413,3 @@ def nll_from_logits(logits, targets):
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(targets >= 0, -picked, 0.0)
-
-
-# ------------------------------------------------------------------------------------------
-# KV-cache inference
-
-
-def prefill(config: GPTConfig, params: Params, idx, pad, cache_len: int):
-    """Run left-padded prompts idx (B,T) once (row b starts after pad[b] padding tokens).
-
-    Returns (logits at the last slot, float32 (B,V), KVCache with S = cache_len slots). Slot s of
-    row b holds position s - pad[b]; padding slots have negative positions and are masked.
-    Left padding puts every row's next token in the same slot, so decode writes the cache with
-    one in-place dynamic_update_slice instead of a per-row scatter.
-    """
-    B, T = idx.shape
-    assert cache_len >= T, f"cache_len {cache_len} < prompt bucket {T}"
-    positions = jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None]
-    x, kvs, e_last = trunk(config, params, idx, positions)
-    widths = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
-    k = jnp.stack([jnp.pad(kv[0], widths) for kv in kvs])
-    v = jnp.stack([jnp.pad(kv[1], widths) for kv in kvs])
-    return logits_from_hidden(config, params, x[:, -1]), KVCache(k, v, e_last)
-
-
-def decode_step(config: GPTConfig, params: Params, tokens, slot, pad, cache: KVCache):
-    """One token per row at cache slot `slot` (scalar): tokens (B,), pad (B,).
-
-    Returns (logits (B,V) f32, updated cache).
-    """
-    idx = tokens[:, None].astype(jnp.int32)
-    positions = (slot - pad)[:, None].astype(jnp.int32)
-    view = _SlotView(cache.k, cache.v, slot, pad)
-    x, _, e = trunk(config, params, idx, positions, cache=view, prev_emb=cache.prev_emb)
-    return logits_from_hidden(config, params, x[:, 0]), KVCache(view.k, view.v, e.astype(cache.prev_emb.dtype))
-
-
-class SharedCache(NamedTuple):
-    """Decode state of N samples per prompt (rows prompt-major: row = prompt * N + sample)."""
-
-    kp: jax.Array  # (L, P, Tp, K, Dh) prompt keys, shared by the prompt's samples
-    vp: jax.Array  # (L, P, Tp, K, Dh)
-    kg: jax.Array  # (L, R, M, K, Dh) keys of generated tokens, column j at slot j
-    vg: jax.Array  # (L, R, M, K, Dh)
-    prev_emb: jax.Array  # (R, D) pre-smear embedding of the last token (gen-2026-07)
-
-
-def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_tokens: int) -> SharedCache:
-    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows."""
-    L, P, Tp, K, hd = cache.k.shape
-    R = P * num_samples
-    zeros = jnp.zeros((L, R, max_new_tokens, K, hd), cache.k.dtype)
-    prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
-    return SharedCache(cache.k, cache.v, zeros, zeros, prev)
-
-
-def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
-    """One token per row at generated column `col`: tokens (R,), pad (P,) of the prompts.
-
-    Attends to the prompt (read once per prompt) and to generated slots [0, gen_len) (a static
-    bound >= col + 1, so early columns read less). Returns (logits (R,V) f32, cache).
-    """
-    P, Tp = cache.kp.shape[1], cache.kp.shape[2]
-    R = tokens.shape[0]
-    row_pad = jnp.repeat(pad, R // P, axis=0, total_repeat_length=R)
-    positions = ((Tp - row_pad) + col)[:, None].astype(jnp.int32)
-    view = _SharedView(cache, col, pad, gen_len)
-    x, _, e = trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
-                    prev_emb=cache.prev_emb)
-    return logits_from_hidden(config, params, x[:, 0]), view.c._replace(prev_emb=e.astype(cache.prev_emb.dtype))

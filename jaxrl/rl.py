@@ -239,7 +239,6 @@ def _local_grads(config, spec: "LossSpec", params, batch: Packed, n_global_token
     chunk = min(spec.chunk_rows, batch.inputs.shape[0])
     data = (batch.inputs, batch.targets, batch.positions, batch.packing(), w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
-    n_max = data[0].shape[0]
     n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk
     grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, p, *x), has_aux=True)
 
@@ -312,5 +311,8 @@ def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch
 
 @functools.lru_cache(maxsize=16)
 def compiled_train_step(config, spec: LossSpec, optimizer, mesh):
-    """jit of `train_step` with params/opt_state donated (they are replaced every step)."""
-    return jax.jit(functools.partial(train_step, config, spec, optimizer, mesh), donate_argnums=(0, 1))
+    """jit of `train_step` with params/opt_state donated (they are replaced every step); on a mesh
+    the outputs are pinned replicated, so step 2 sees the shardings step 1 compiled for."""
+    out = None if mesh is None else sharding.replicated(mesh)
+    return jax.jit(functools.partial(train_step, config, spec, optimizer, mesh), donate_argnums=(0, 1),
+                   out_shardings=out)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl import model as gpt
+from jaxrl import decode
 from jaxrl import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
@@ -130,7 +130,7 @@ class _State(NamedTuple):
     done: jax.Array  # (R,) bool
     pad: jax.Array  # (P,) left padding of each prompt (prompt slot s holds position s - pad)
     logits: jax.Array  # (R, V)
-    cache: gpt.SharedCache
+    cache: decode.SharedCache
     in_py: jax.Array  # (R,) bool: inside a python block
     expr_start: jax.Array  # (R,) first column of the current expression
     queue: jax.Array  # (R, Q) forced tokens
@@ -171,7 +171,7 @@ def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperat
             return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
 
         queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
-    logits, cache = gpt.decode_shared(config, params, tok, s.n, s.pad, s.cache, gen_len)
+    logits, cache = decode.decode_shared(config, params, tok, s.n, s.pad, s.cache, gen_len)
     return _State(s.n + 1, out, s.done | ends, s.pad, logits, cache, in_py, expr_start, queue, qlen, qhead)
 
 
@@ -183,8 +183,8 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     R = P * N
     # every use casts weights to the compute dtype anyway: do it once, not in every decode step
     params = jax.tree.map(lambda p: p.astype(config.dtype), params)
-    logits, cache = gpt.prefill(config, params, prompt_ids, pad, T)
-    cache = gpt.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
+    logits, cache = decode.prefill(config, params, prompt_ids, pad, T)
+    cache = decode.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
     rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
     base = jax.random.key(seed)
 

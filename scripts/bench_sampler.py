@@ -25,7 +25,7 @@ import numpy as np
 
 import bench_device
 from bench_setup import make_tool
-from jaxrl import model as gpt
+from jaxrl import decode
 from jaxrl import sampler
 
 
@@ -57,7 +57,7 @@ def time_prefill(ctx, prompts, repeats: int) -> float:
     pad = np.asarray([T - len(p) for p in prompts], np.int32)
     for i, p in enumerate(prompts):
         ids[i, T - len(p):] = p
-    fn = jax.jit(gpt.prefill, static_argnums=(0, 4))
+    fn = jax.jit(decode.prefill, static_argnums=(0, 4))
     run = lambda: fn(ctx.config, ctx.params, ids, pad, T)  # noqa: E731
     jax.block_until_ready(run())
     return bench_device.median_time(run, repeats)[0]

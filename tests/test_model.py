@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import GENERATIONS
-from jaxrl.model import GPTConfig, decode_step, forward, param_table, prefill, token_nll, unflatten_params
+from jaxrl.decode import decode_step, prefill
+from jaxrl.model import GPTConfig, forward, param_table, token_nll, unflatten_params
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
 # bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;

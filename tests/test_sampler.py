@@ -20,6 +20,7 @@ import scipy.stats
 from conftest import ARITH, FIXTURES, GENERATIONS, SHARED
 from jax.experimental import io_callback
 
+from jaxrl import decode
 from jaxrl import model as gpt
 from jaxrl import sampler, sharding
 from jaxrl.calculator import use_calculator
@@ -168,7 +169,7 @@ def test_scripted_tool_use_golden(generation, monkeypatch, fresh_traces):
 
 
 def patch_fake_model(monkeypatch, table):
-    """The model as the sampler calls it (gpt.prefill, gpt.shared_cache, gpt.decode_shared) becomes
+    """The model as the sampler calls it (decode.prefill, decode.shared_cache, decode.decode_shared) becomes
     one whose only choice for row r at column n is table[r, n].
 
     Rows are the prompts (num_samples=1); the "cache" is the row id. Returns the list of token
@@ -188,9 +189,9 @@ def patch_fake_model(monkeypatch, table):
         jax.debug.callback(lambda t: fed.append(np.asarray(t)), tokens, ordered=True)
         return logits_at(config, rows, col + 1), rows
 
-    monkeypatch.setattr(gpt, "prefill", prefill)
-    monkeypatch.setattr(gpt, "shared_cache", lambda config, rows, num_samples, max_new_tokens: rows)
-    monkeypatch.setattr(gpt, "decode_shared", decode_shared)
+    monkeypatch.setattr(decode, "prefill", prefill)
+    monkeypatch.setattr(decode, "shared_cache", lambda config, rows, num_samples, max_new_tokens: rows)
+    monkeypatch.setattr(decode, "decode_shared", decode_shared)
     return fed
 
 
