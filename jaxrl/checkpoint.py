@@ -47,7 +47,7 @@ RESUME_BREAKING = (
 )
 # Keys that only touch naming, logging, evaluation, saving or process layout.
 RESUME_SAFE = (
-    "run", "out_dir", "resume", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
+    "run", "out_dir", "resume", "stop_after_steps", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
     "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
     "num_processes", "process_id",
 )

@@ -105,6 +105,10 @@ class RLConfig:
     seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass).")
     num_steps: int | None = _f(None, "Optimizer steps; None = nanochat's "
                                "(len(train) // examples_per_step) * num_epochs.")
+    stop_after_steps: int | None = _f(None, "Stop after this many steps (then save and evaluate) while "
+                                      "the LR schedule still runs over num_steps: the first part of a "
+                                      "longer run, as a nanochat run stopped early. None = run all "
+                                      "num_steps; resume with a larger value to go on.")
     resume: bool = _f(False, "Continue from the latest checkpoint in <out_dir>/<run>.")
 
     # ---- jaxrl: deliberate, documented departures from nanochat (defaults = nanochat) ----
@@ -334,7 +338,7 @@ def load_config(argv: list[str]) -> RLConfig:
 
 _RANGES = (  # (fields, predicate on a non-None value, the requirement in words)
     (("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
-      "save_every", "eval_every", "eval_examples", "log_every", "num_steps", "eval_num_samples",
+      "save_every", "eval_every", "eval_examples", "log_every", "num_steps", "stop_after_steps", "eval_num_samples",
       "num_processes", "warmstart_steps", "warmstart_batch_size", "warmstart_eval_every"), lambda v: v >= 1,
      "a positive integer"),
     (("arith_difficulty",), lambda v: 1 <= v <= 3, "1, 2 or 3"),

@@ -183,7 +183,8 @@ def save(step: int):
 
 # Test hook of the non-finite path: JAXRL_INJECT_NAN_STEP="k" or "k1,k2,..." makes those steps' advantages NaN.
 inject_nan_steps = {int(k) for k in os.environ.get("JAXRL_INJECT_NAN_STEP", "").split(",") if k.strip()}
-bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, disable=jax.process_index() != 0,
+last_step = min(num_steps, cfg.stop_after_steps or num_steps)  # a prefix of the schedule, or all of it
+bar = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=jax.process_index() != 0,
            desc="rl", dynamic_ncols=True)
 last_eval = None
 for step in bar:
@@ -235,14 +236,14 @@ for step in bar:
         print0(f"stopping: {consecutive_skips} consecutive non-finite steps (max_nonfinite_skips); "
                f"last good state saved as step {step} in {ckpt.directory}")
         sys.exit(3)
-    if (step > 0 and step % cfg.save_every == 0) or step == num_steps - 1:
+    if (step > 0 and step % cfg.save_every == 0) or step == last_step - 1:
         save(step)
 
 # ------------------------------------------------------------------------------------------
 # Final evaluation (nanochat skips it; users want the final number) and report
 
-if start_step < num_steps or last_eval is None:
-    evaluate(num_steps)
+if start_step < last_step or last_eval is None:
+    evaluate(last_step)
 writer.close()
 if jax.process_index() == 0:
     from plot_metrics import plot_run

@@ -110,3 +110,25 @@ def test_resume_refuses_a_config_change_that_breaks_equivalence(reference_run, c
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "error: cannot resume" in proc.stderr and "examples_per_step: saved 4, now 8" in proc.stderr
     assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == before
+
+
+def test_stop_after_steps_then_resume_equals_the_whole_run(tmp_path, reference_run, compile_cache):
+    """`stop_after_steps` runs a prefix of the LR schedule (lrm from num_steps, not from the stop),
+    saves and evaluates where it stops; resuming without it finishes bit-identical to the whole run."""
+    env = trainer_env(compile_cache)
+    stop = 3
+    first = run_trainer(tmp_path, "run", f"--stop_after_steps={stop}", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    rows = read_metrics(run_dir)
+    steps = [r for r in rows if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(stop))
+    assert [r["lrm"] for r in steps] == pytest.approx([1 - s / TINY_STEPS for s in range(stop)])
+    assert [r["step"] for r in rows if r["event"] == "eval"][-1] == stop  # the evaluation after the last step
+    assert load_state(run_dir)[0] == stop - 1
+    rest = run_trainer(tmp_path, "run", "--resume", env=env)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    step, state = load_state(run_dir)
+    ref_step, ref_state = load_state(reference_run)
+    assert step == ref_step == TINY_STEPS - 1
+    assert differing_leaves(state, ref_state) == []
