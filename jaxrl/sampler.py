@@ -10,6 +10,8 @@ How one call works (R = prompts × samples rows):
    generated tokens get per-row slots, and decode phase j reads only the first 64 (j + 1).
 2. A `lax.while_loop` decodes one column per step for all rows and exits as soon as every row has
    emitted `<|assistant_end|>`/`<|bos|>`, or after `max_new_tokens` columns (forced tokens count).
+   When only a quarter of the rows are still running (the long tail), those rows are gathered into
+   a quarter-size state (each with its own copy of its prompt's keys) and decoded alone.
 3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
    host is reached only on those steps; it decodes the expression, runs the calculator and returns
    the tokens to force.
@@ -33,6 +35,7 @@ from jaxrl import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
 PHASE = 64  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
+COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
 
 
@@ -64,6 +67,7 @@ class SampleSpec:
     queue_len: int  # most tokens one calculator result may force (incl. output_start/end)
     specials: SpecialIds
     pad_id: int  # written where a row has ended (nanochat pads with <|assistant_end|>)
+    compact_rows: int = 0  # once at most this many local rows are still running, decode only them (0: never)
 
 
 class Rollout(NamedTuple):
@@ -200,11 +204,37 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     zi = jnp.zeros((R,), jnp.int32)
     state = _State(jnp.int32(0), out, jnp.zeros((R,), bool), pad.astype(jnp.int32), rep(logits, axis=0),
                    cache, jnp.zeros((R,), bool), zi, jnp.zeros((R, spec.queue_len), jnp.int32), zi, zi)
-    for end in range(PHASE, M + PHASE, PHASE):  # static phases: early columns read fewer slots
-        end = min(end, M)
+    C = spec.compact_rows
+    running = (lambda s: jnp.sum(~s.done) > C) if C else (lambda s: True)
+    state = _phases(config, spec, tool, params, row_keys, first_keys, temperature, state, running)
+    if not C:
+        return state.out
+
+    def compact_rest(state):
+        """Decode the rows still running (at most C) in a C-row state, then scatter them back."""
+        idx = jnp.argsort(state.done, stable=True)[:C]  # running rows first, in row order
+        prompt = idx // N
+        c = state.cache
+        small = state._replace(
+            out=jax.tree.map(lambda a: a[idx], state.out), done=state.done[idx], pad=state.pad[prompt],
+            logits=state.logits[idx], in_py=state.in_py[idx], expr_start=state.expr_start[idx],
+            queue=state.queue[idx], qlen=state.qlen[idx], qhead=state.qhead[idx],
+            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], c.kg[:, idx], c.vg[:, idx], c.prev_emb[idx]))
+        small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
+                        lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
+        return state._replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
+
+    unfinished = (state.n < M) & ~jnp.all(state.done)
+    return jax.lax.cond(unfinished, compact_rest, lambda s: s, state).out
+
+
+def _phases(config, spec, tool, params, row_keys, first_keys, temperature, state, running):
+    """Decode phase by phase (static: early columns read fewer slots) while `running(state)`."""
+    for end in range(PHASE, spec.max_new_tokens + PHASE, PHASE):
+        end = min(end, spec.max_new_tokens)
         step = functools.partial(_step, config, spec, tool, params, row_keys, first_keys, temperature, end)
-        state = jax.lax.while_loop(lambda s, end=end: (s.n < end) & ~jnp.all(s.done), step, state)
-    return state.out
+        state = jax.lax.while_loop(lambda s, end=end: (s.n < end) & ~jnp.all(s.done) & running(s), step, state)
+    return state
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,12 +266,15 @@ def check_request(config, prompts, num_samples, max_new_tokens, temperature):
 
 
 def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0,
-           tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None) -> tuple[Rollout, np.ndarray]:
+           tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None,
+           compact: bool = True) -> tuple[Rollout, np.ndarray]:
     """Run all rollouts for `prompts` (list of token-id lists) in one jitted call.
 
     Rows are ordered prompt-major (row = prompt * num_samples + sample). `example_ids` (default
     0..P-1) and `step` feed the per-row keys, so the same (seed, step, example, sample) always gives
-    the same completion. Returns (Rollout as numpy, prompt lengths (P,)).
+    the same completion. With `compact`, once at most 1/COMPACT_DIVISOR of a device's rows are
+    still running, the rest of the loop decodes only those (same tokens, fewer rows per step).
+    Returns (Rollout as numpy, prompt lengths (P,)).
     """
     check_request(config, prompts, num_samples, max_new_tokens, temperature)
     P = len(prompts)
@@ -259,9 +292,11 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
     row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]
     row_ids[:, :, 2] = np.arange(num_samples)[None]
     top_k = 0 if not top_k else min(int(top_k), config.vocab_size)
+    local_rows = P_pad * num_samples // n_dev
     spec = SampleSpec(num_samples, max_new_tokens, top_k, temperature == 0,
                       config.generation == "gen-2025-10" and temperature > 0,
-                      tool.queue_len if tool is not None else 1, specials, specials.assistant_end)
+                      tool.queue_len if tool is not None else 1, specials, specials.assistant_end,
+                      local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0)
     fn = _compiled(config, spec, tool, mesh)
     out = fn(params, ids, pad, row_ids, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
     out = jax.tree.map(lambda a: np.asarray(a)[: P * num_samples], out)

@@ -302,6 +302,28 @@ def test_same_keys_same_rollouts_on_any_device_count():
     assert len({tuple(r) for r in one.tokens[:4].tolist()}) == 4  # the samples of a prompt differ
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compacting_the_long_tail_keeps_every_token(seed):
+    """Decoding only the last running quarter of the rows (in a quarter-size state, each row with its
+    own copy of its prompt's keys) yields the same tokens, masks and lengths as the full-width loop,
+    with the calculator on; log-probs agree to float32 rounding (other matmul shapes)."""
+    config, params = load_checkpoint(ARITH / "chatsft_checkpoints" / "d4", 100, "gen-2026-07")
+    tok = tokenizer(ARITH / "tokenizer")
+    task = GSM8K("test", data_dir=SHARED / "data" / "arith")
+    prompts = [tok.render_for_completion(task[i]) for i in range(8 * seed, 8 * seed + 8)]
+    tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), 98)
+    run = functools.partial(sampler.sample, config, params, prompts, num_samples=8, max_new_tokens=96, seed=seed,
+                            tool=tool, specials=sampler.SpecialIds.from_tokenizer(tok))
+    full, small = run(compact=False)[0], run(compact=True)[0]
+    lengths = np.sort(full.length)
+    assert lengths[-17] < lengths[-1], "no column with <= 16 of 64 rows running: compaction never engaged"
+    assert (full.mask.sum(1) < full.length).any(), "no tool output was forced"
+    for field in ("tokens", "mask", "length"):
+        np.testing.assert_array_equal(getattr(small, field), getattr(full, field), err_msg=field)
+    np.testing.assert_allclose(small.logp, full.logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(small.sample_logp, full.sample_logp, rtol=1e-5, atol=1e-5)
+
+
 def test_gen_2025_10_samples_share_first_token():
     """nanochat 3a5e0bc samples one first token per prompt and gives it to every sample."""
     (config, params), tok = tiny_model("gen-2025-10"), tokenizer()
