@@ -138,7 +138,6 @@ def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int
     """
     inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
     adv = np.asarray(batch.advantages, np.float32)
-    lp = np.asarray(batch.sampler_logp, np.float32)
     R, T0 = inputs.shape
     if R % n_dev:
         raise ValueError(f"{R} training rows do not split over {n_dev} devices")
@@ -147,8 +146,8 @@ def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int
     nb = -(-per // chunk) * chunk
     valid = targets >= 0
     row_tokens = valid.sum(axis=1).astype(np.int32)
-    first = np.argmax(valid, axis=1)
-    end = np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0)
+    rows = _RowInfo(inputs, targets, np.asarray(batch.sampler_logp, np.float32), np.argmax(valid, axis=1),
+                    np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0))
     keep = (row_tokens > 0) & ~(skip_zero_advantage & (adv == 0))
     out = {k: np.full((n_dev * nb, T), fill, dt) for k, fill, dt in (
         ("inputs", pad_id, np.int32), ("targets", -1, np.int32), ("positions", 0, np.int32),
@@ -156,51 +155,71 @@ def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int
         ("sampler_logp", 0.0, np.float32))}
     out["prev_index"] = np.tile(np.arange(T, dtype=np.int32), (n_dev * nb, 1))
     bins = np.zeros(n_dev, np.int32)
-
-    def put(g, o, sl, pos0, seg, parent, prev0):
-        n = sl.stop - sl.start
-        out["positions"][g, o:o + n] = np.arange(pos0, pos0 + n)
-        out["segments"][g, o:o + n] = seg
-        out["parents"][g, o:o + n] = parent
-        out["prev_index"][g, o:o + n] = np.concatenate([[prev0], np.arange(o, o + n - 1)])
-
     for d in range(n_dev):
-        fill, pieces, prompts = [], [], {}  # per bin: tokens used, pieces placed; (bin, group) -> prompt copy
-        for g0 in range(d * per, (d + 1) * per, group):
-            mine = [r for r in range(g0, min(g0 + group, (d + 1) * per)) if keep[r]]
+        bins[d] = _Bins(out, d * nb, d * per, T).pack(rows, keep, range(d * per, (d + 1) * per), group)
+    return Packed(**out, advantages=adv, row_tokens=row_tokens, bins=bins)
+
+
+class _RowInfo(NamedTuple):
+    inputs: np.ndarray
+    targets: np.ndarray
+    logp: np.ndarray
+    first: np.ndarray  # index of each row's first target
+    end: np.ndarray  # one past each row's last target (0: no target)
+
+
+class _Bins:
+    """One device's bins in the packed arrays `out`: rows [base, base + B), row ids from row0."""
+
+    def __init__(self, out: dict, base: int, row0: int, T: int):
+        self.out, self.base, self.row0, self.T = out, base, row0, T
+        self.fill, self.pieces, self.prompts = [], [], {}  # per bin: tokens used, pieces; (bin, group) -> prompt copy
+
+    def pack(self, info: _RowInfo, keep, rows: range, group: int) -> int:
+        """Place the kept rows group by group, longest continuation first; returns the bins used."""
+        for g0 in range(rows.start, rows.stop, group):
+            mine = [r for r in range(g0, min(g0 + group, rows.stop)) if keep[r]]
             if not mine:
                 continue
-            P = int(min(first[r] for r in mine)) if len(mine) > 1 else 0
-            for r in mine[1:]:  # the common prefix of the kept rows
-                diff = np.nonzero(inputs[r, :P] != inputs[mine[0], :P])[0]
+            P = int(min(info.first[r] for r in mine)) if len(mine) > 1 else 0
+            for r in mine[1:]:  # the common prefix of the kept rows (the prompt)
+                diff = np.nonzero(info.inputs[r, :P] != info.inputs[mine[0], :P])[0]
                 P = int(diff[0]) if len(diff) else P
-            for r in sorted(mine, key=lambda r: (-end[r], r)):
-                c = int(end[r]) - P
-                b = next((j for j in range(len(fill)) if (j, g0) in prompts and fill[j] + c <= T), None)
-                if b is None:
-                    b = next((j for j, f in enumerate(fill) if f + P + c <= T), len(fill))
-                    if b == len(fill):
-                        fill.append(0)
-                        pieces.append(0)
-                    if P:
-                        o, gb = fill[b], d * nb + b
-                        pieces[b] += 1
-                        out["inputs"][gb, o:o + P] = inputs[r, :P]
-                        put(gb, o, slice(0, P), 0, pieces[b], pieces[b], o)
-                        prompts[(b, g0)] = (pieces[b], o + P - 1)
-                        fill[b] += P
-                o, gb = fill[b], d * nb + b
-                pieces[b] += 1
-                parent, prev0 = prompts[(b, g0)] if P else (pieces[b], o)
-                sl = slice(P, int(end[r]))
-                out["inputs"][gb, o:o + c] = inputs[r, sl]
-                out["targets"][gb, o:o + c] = targets[r, sl]
-                out["sampler_logp"][gb, o:o + c] = lp[r, sl]
-                out["rows"][gb, o:o + c] = r - d * per
-                put(gb, o, sl, P, pieces[b], parent, prev0)
-                fill[b] += c
-        bins[d] = len(fill)
-    return Packed(**out, advantages=adv, row_tokens=row_tokens, bins=bins)
+            for r in sorted(mine, key=lambda r: (-info.end[r], r)):
+                self._place(info, r, g0, P)
+        return len(self.fill)
+
+    def _place(self, info: _RowInfo, r: int, g0: int, P: int):
+        c = int(info.end[r]) - P
+        b = next((j for j in range(len(self.fill)) if (j, g0) in self.prompts and self.fill[j] + c <= self.T), None)
+        if b is None:  # first bin with room for a prompt copy and the continuation
+            b = next((j for j, f in enumerate(self.fill) if f + P + c <= self.T), len(self.fill))
+            if b == len(self.fill):
+                self.fill.append(0)
+                self.pieces.append(0)
+            if P:
+                seg, o = self._write(b, info.inputs[r, :P], None, None, -1, 0, None, None)
+                self.prompts[(b, g0)] = (seg, o + P - 1)
+        parent, prev0 = self.prompts[(b, g0)] if P else (None, None)
+        sl = slice(P, int(info.end[r]))
+        self._write(b, info.inputs[r, sl], info.targets[r, sl], info.logp[r, sl], r - self.row0, P, parent, prev0)
+
+    def _write(self, b, ids, targets, logp, row, pos0, parent, prev0):
+        """Append one piece to bin b; returns (its segment id, its offset)."""
+        out, g, o, n = self.out, self.base + b, self.fill[b], len(ids)
+        self.pieces[b] += 1
+        seg = self.pieces[b]
+        out["inputs"][g, o:o + n] = ids
+        if targets is not None:
+            out["targets"][g, o:o + n] = targets
+            out["sampler_logp"][g, o:o + n] = logp
+            out["rows"][g, o:o + n] = row
+        out["positions"][g, o:o + n] = np.arange(pos0, pos0 + n)
+        out["segments"][g, o:o + n] = seg
+        out["parents"][g, o:o + n] = seg if parent is None else parent
+        out["prev_index"][g, o:o + n] = np.concatenate([[o if prev0 is None else prev0], np.arange(o, o + n - 1)])
+        self.fill[b] += n
+        return seg, o
 
 
 def row_weights(row_tokens, advantages, spec: "LossSpec", n_global_tokens):
