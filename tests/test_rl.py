@@ -214,3 +214,24 @@ def test_pack_keeps_the_objective_and_gradient():
         for a, c in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(o[0])):
             np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-4)
     assert int(rl.pack(b, PAD, chunk=2).bins[0]) < int(rl.pack(b, PAD, chunk=2, skip_zero_advantage=False).bins[0])
+
+
+@pytest.mark.parametrize("generation", ["gen-2026-01", "gen-2025-10"])
+def test_pack_forward_with_sliding_windows(generation):
+    """Windows of 8 and 16 tokens (sequence_len 16, rows up to 60): packed continuations attending
+    to a shared prompt copy see the same window as in their own row."""
+    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                        window_pattern="SSL", generation=generation)
+    p = gpt.init_params(cfg, jax.random.key(3))
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(11)
+    seqs, masks = _ragged_batch(rng, 12, group=4)
+    b = rl.build_batch(seqs, masks, rng.standard_normal(12).astype(np.float32), PAD)
+    pk = rl.pack(b, PAD, chunk=4, group=4)
+    assert (pk.segments != pk.parents).any()  # continuations do attend to shared prompt copies
+    ref = np.asarray(gpt.token_nll(cfg, params, b.inputs, b.targets))
+    got = np.asarray(gpt.nll_from_logits(gpt.forward(cfg, params, pk.inputs, pk.positions, pk.packing()), pk.targets))
+    g, t = np.nonzero(pk.targets >= 0)
+    np.testing.assert_allclose(got[g, t], ref[pk.rows[g, t], pk.positions[g, t]], atol=2e-5)
