@@ -1,9 +1,9 @@
 """The nanochat GPT, all three generations, as pure JAX functions over a params pytree.
 
-Owns: `GPTConfig` (nanochat's GPTConfig fields plus the generation and the compute dtype),
-the parameter table (names, shapes and saved dtypes of nanochat's state dict), init, and the
-full-sequence forward used for training (packed rows too); jaxrl/decode.py runs the same trunk
-with a KV cache for the sampler.
+Owns: `GPTConfig` (nanochat's GPTConfig fields plus the generation and the compute dtype) and
+the full-sequence forward used for training (packed rows too). jaxrl/params.py holds the
+parameter table (names, shapes and saved dtypes of nanochat's state dict) and init, re-exported
+here; jaxrl/decode.py runs the same trunk with a KV cache for the sampler.
 
 Params are a nested dict made by splitting nanochat's state-dict keys on "." (so
 `transformer.h.0.attn.c_q.weight` lives at `params["transformer"]["h"]["0"]["attn"]["c_q"]["weight"]`),
@@ -20,17 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl import params as _params
+
+# The parameter table, init and (un)flattening live in jaxrl/params.py; callers reach them here too.
+Params = _params.Params
+SMEAR_CHANNELS = _params.SMEAR_CHANNELS
+param_table, init_params = _params.param_table, _params.init_params
+flatten_params, unflatten_params = _params.flatten_params, _params.unflatten_params
+
 GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default eps for fp32 and bf16 inputs
 SOFTCAP = 15.0
-SMEAR_CHANNELS = 24
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,91 +138,6 @@ class GPTConfig:
 
     def replace(self, **kw) -> "GPTConfig":
         return dataclasses.replace(self, **kw)
-
-
-# ------------------------------------------------------------------------------------------
-# Parameter table
-
-
-def param_table(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(state-dict key, torch shape, dtype nanochat saves on GPU) in nanochat's state-dict order."""
-    C, hd, Vp, L = config.n_embd, config.head_dim, config.padded_vocab, config.n_layer
-    H, K = config.n_head, config.n_kv_head
-    rows: list[tuple[str, tuple[int, ...], str]] = []
-    if config.has_lambdas:
-        rows += [("resid_lambdas", (L,), "float32"), ("x0_lambdas", (L,), "float32")]
-    if config.has_smear:
-        rows += [("smear_lambda", (1,), "float32"), ("backout_lambda", (1,), "float32")]
-    rows.append(("transformer.wte.weight", (Vp, C), "bfloat16"))
-    for i in range(L):
-        p = f"transformer.h.{i}."
-        rows += [
-            (p + "attn.c_q.weight", (H * hd, C), "float32"),
-            (p + "attn.c_k.weight", (K * hd, C), "float32"),
-            (p + "attn.c_v.weight", (K * hd, C), "float32"),
-            (p + "attn.c_proj.weight", (C, C), "float32"),
-        ]
-        if config.has_ve(i):
-            rows.append((p + "attn.ve_gate.weight", (K, config.ve_gate[1]), "float32"))
-        rows += [(p + "mlp.c_fc.weight", (4 * C, C), "float32"), (p + "mlp.c_proj.weight", (C, 4 * C), "float32")]
-    rows.append(("lm_head.weight", (Vp, C), "float32"))
-    if config.has_smear:
-        rows.append(("smear_gate.weight", (1, SMEAR_CHANNELS), "float32"))
-    for i in range(L):
-        if config.has_ve(i):
-            rows.append((f"value_embeds.{i}.weight", (Vp, K * hd), "bfloat16"))
-    return rows
-
-
-def unflatten_params(flat: dict[str, Any]) -> Params:
-    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
-    tree: Params = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten_params(tree: Params, prefix: str = "") -> dict[str, Any]:
-    """Inverse of `unflatten_params`: nested dict -> {"a.b.c": x}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def init_params(config: GPTConfig, key: jax.Array) -> Params:
-    """nanochat-like random init (float32 master weights), for benchmarks and the demo."""
-    C = config.n_embd
-    flat = {}
-    keys = jax.random.split(key, len(param_table(config)))
-    bound = math.sqrt(3.0) * C**-0.5
-    for k, (name, shape, _) in zip(keys, param_table(config)):
-        if name == "resid_lambdas":
-            value = jnp.ones(shape)
-        elif name == "x0_lambdas":
-            value = jnp.full(shape, 0.1)
-        elif name in ("smear_lambda", "smear_gate.weight") or name.endswith("ve_gate.weight"):
-            value = jnp.zeros(shape)
-        elif name == "backout_lambda":
-            value = jnp.full(shape, 0.2)
-        elif name == "transformer.wte.weight":
-            value = jax.random.normal(k, shape)
-        elif name == "lm_head.weight":
-            value = 0.001 * jax.random.normal(k, shape)
-        elif name.endswith("c_proj.weight"):
-            value = jnp.zeros(shape)
-        else:  # c_q, c_k, c_v, c_fc, value_embeds
-            value = jax.random.uniform(k, shape, minval=-bound, maxval=bound)
-        flat[name] = value.astype(jnp.float32)
-    return unflatten_params(flat)
 
 
 # ------------------------------------------------------------------------------------------
