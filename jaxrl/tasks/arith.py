@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 
 from jaxrl.calculator import use_calculator
-from jaxrl.tasks.gsm8k import evaluate, reward, row_to_conversation
+from jaxrl.tasks.gsm8k import GSM8KFormat, row_to_conversation
 
 SPLITS = ("train", "test")
 DEFAULT_SIZE = {"train": 100_000, "test": 500}
@@ -164,7 +164,7 @@ def split_of(question: str) -> str:
     return "test" if zlib.crc32(question.encode("utf-8")) % TEST_SHARE == 0 else "train"
 
 
-class ArithTask:
+class ArithTask(GSM8KFormat):
     """`len(task)` rows of one split; `task[i]` is the conversation of row i (made on demand)."""
 
     def __init__(self, split: str, difficulty: int = 2, seed: int = 0, size: int | None = None):
@@ -197,11 +197,3 @@ class ArithTask:
 
     def __getitem__(self, index: int) -> dict:
         return row_to_conversation(self.row(index))
-
-    @staticmethod
-    def evaluate(conversation: dict, completion: str) -> int:
-        return evaluate(conversation, completion)
-
-    @staticmethod
-    def reward(conversation: dict, completion: str) -> float:
-        return reward(conversation, completion)

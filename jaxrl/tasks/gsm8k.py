@@ -72,7 +72,19 @@ def reward(conversation: dict, completion: str) -> float:
     return float(evaluate(conversation, completion))
 
 
-class GSM8K:
+class GSM8KFormat:
+    """Scoring shared by every task in GSM8K's format (`#### N` answers): nanochat's evaluate/reward."""
+
+    @staticmethod
+    def evaluate(conversation: dict, completion: str) -> int:
+        return evaluate(conversation, completion)
+
+    @staticmethod
+    def reward(conversation: dict, completion: str) -> float:
+        return reward(conversation, completion)
+
+
+class GSM8K(GSM8KFormat):
     """nanochat's GSM8K task: rows shuffled with seed 42, viewed through start/stop/step.
 
     `GSM8K("train")` loads `openai/gsm8k` from the hub; `GSM8K("train", data_dir=d)` reads
@@ -112,14 +124,6 @@ class GSM8K:
     def get_example(self, physical_index: int) -> dict:
         """Conversation of shuffled row `physical_index` (ignores the view)."""
         return row_to_conversation(self.rows[physical_index])
-
-    @staticmethod
-    def evaluate(conversation: dict, completion: str) -> int:
-        return evaluate(conversation, completion)
-
-    @staticmethod
-    def reward(conversation: dict, completion: str) -> float:
-        return reward(conversation, completion)
 
 
 def _source_hint(split: str) -> str:
