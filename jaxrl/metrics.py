@@ -4,7 +4,7 @@ Every row is a flat dict of scalars with `step`, `event` ("step" or "eval") and 
 ("warmstart" or "rl"). Only process 0 writes. wandb is used only when the run name is not
 "dummy" and wandb is importable, as nanochat's DummyWandb rule.
 
-Test: `pytest tests/test_train_smoke.py` (checks the files a run leaves).
+Test: `pytest tests/test_demo.py` (checks the files a run leaves).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The sampler never sees strings; this module is where token ids, conversations, the task's reward
 and the sampler meet. It also holds pass@k evaluation, which is the same round without training.
 
-Test: `pytest tests/test_rl.py tests/test_evaluate.py`.
+Test: `pytest tests/test_rl.py tests/test_eval.py`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jaxrl import rl, sampler
+from jaxrl import distributed, rl, sampler
 
 
 @dataclasses.dataclass
@@ -90,6 +90,20 @@ def make_batch(result: RoundResult, num_samples: int, pad_id: int, *, advantage:
 # pass@k
 
 
+def eval_row(config, params, tokenizer, task, *, num_examples: int, args: SamplingArgs, tool, mesh, step: int,
+             phase: str, shared_keys: bool) -> dict:
+    """One eval metrics row: nanochat's pass@k (first k) plus unbiased pass@k with 95% bounds on the
+    first `num_examples` questions of `task`, each process sampling its share on `mesh` (its own
+    devices) and every process getting the whole row."""
+    n = min(num_examples, len(task))
+    res = run_round(config, params, tokenizer, task, distributed.process_share(np.arange(n)), args, tool=tool,
+                    step=0, mesh=mesh, chunk=max(1, 512 // args.num_samples), same_keys_per_question=shared_keys)
+    correct = distributed.gather_rows(res.correct)
+    row = {"step": step, "event": "eval", "phase": phase, "eval_examples": int(correct.shape[0])}
+    row.update(pass_at_k_row(correct))
+    return row
+
+
 def pass_at_k_first(correct: np.ndarray) -> dict[str, float]:
     """nanochat's estimator: fraction of questions with a correct answer among the FIRST k samples."""
     correct = np.asarray(correct, bool)
@@ -110,6 +124,15 @@ def pass_at_k_unbiased(correct: np.ndarray) -> dict[str, tuple[float, float, flo
         half = 1.96 * float(per_q.std(ddof=1)) / np.sqrt(Q) if Q > 1 else 0.0
         out[f"pass@{k}"] = (mean, max(0.0, mean - half), min(1.0, mean + half))
     return out
+
+
+def pass_at_k_row(correct: np.ndarray) -> dict[str, float]:
+    """The pass@k keys of an eval metrics row: `pass@k` (first k) and `unbiased_pass@k` with its
+    `_lo`/`_hi` 95% bounds, for k = 1..n."""
+    row = pass_at_k_first(correct)
+    for k, (mean, lo, hi) in pass_at_k_unbiased(correct).items():
+        row.update({f"unbiased_{k}": mean, f"unbiased_{k}_lo": lo, f"unbiased_{k}_hi": hi})
+    return row
 
 
 def _comb_ratio(a: int, n: int, k: int) -> float:

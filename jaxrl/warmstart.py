@@ -90,19 +90,6 @@ def demonstration_batch(tokenizer: Tokenizer, task, indices, max_tokens: int) ->
     return batch, float(np.mean([len(s) for s in seqs]))
 
 
-def evaluate(config, params, tokenizer, task, *, num_examples: int, args: rollout.SamplingArgs, tool, mesh,
-             step: int, phase: str, shared_keys: bool) -> dict:
-    """One eval row as train_rl writes it: nanochat's pass@k (first k) plus unbiased pass@k with 95% CIs."""
-    n = min(num_examples, len(task))
-    res = rollout.run_round(config, params, tokenizer, task, np.arange(n), args, tool=tool, step=0, mesh=mesh,
-                            chunk=max(1, 512 // args.num_samples), same_keys_per_question=shared_keys)
-    row = {"step": step, "event": "eval", "phase": phase, "eval_examples": n}
-    row.update(rollout.pass_at_k_first(res.correct))
-    for k, (mean, lo, hi) in rollout.pass_at_k_unbiased(res.correct).items():
-        row.update({f"unbiased_{k}": mean, f"unbiased_{k}_lo": lo, f"unbiased_{k}_hi": hi})
-    return row
-
-
 def _sft_step(cfg, config: GPTConfig, mesh):
     """The RL train step compiled for demonstrations: advantage 1, one token normalisation over the batch."""
     rows, dbs, n_dev = cfg.warmstart_batch_size, cfg.device_batch_size, sharding.data_size(mesh)
@@ -146,8 +133,9 @@ def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task,
         bar.set_postfix(loss=f"{row['loss']:.3f}", pass1=f"{last['unbiased_pass@1']:.3f}" if last else "-")
         done = step + 1
         if (done % cfg.warmstart_eval_every == 0 and row["loss"] < EVAL_BELOW_LOSS) or done == steps:
-            last = evaluate(config, params, tokenizer, test_task, num_examples=cfg.eval_examples, args=eval_args,
-                            tool=tool, mesh=mesh, step=done, phase="warmstart", shared_keys=cfg.eval_shared_keys)
+            last = rollout.eval_row(config, params, tokenizer, test_task, num_examples=cfg.eval_examples,
+                                    args=eval_args, tool=tool, mesh=mesh, step=done, phase="warmstart",
+                                    shared_keys=cfg.eval_shared_keys)
             writer.log(last)
             passes = ", ".join(f"Pass@{k}: {last[f'pass@{k}']:.4f}" for k in range(1, n + 1))
             print0(f"\nwarm start step {done} | loss {row['loss']:.4f} | pass@1 estimate "

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import bench_device
+import common
 from bench_setup import make_tool
 from jaxrl import distributed, optim, rl, rollout, sampler, sharding
 from jaxrl.metrics import MetricsWriter
@@ -174,7 +175,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             params, opt_state, m = train_step(params, opt_state, batch)
             m = jax.device_get(m)
             t3 = time.perf_counter()
-            _log_step(writer, config, step, num_steps, res, m, t1 - t0, t3 - t2)
+            _log_step(writer, config, step, num_steps, res, m, t2 - t1, t3 - t2)
             t4 = time.perf_counter()
             recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
             steps.append({"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
@@ -185,18 +186,11 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     return _rl_figures(steps, Q, S, M, dbs, ctx, ceil)
 
 
-def _log_step(writer, config, step, num_steps, res, m, rollout_s, train_s):
+def _log_step(writer, config, step, num_steps, res, m, reward_s, train_s):
     """train_rl's per-step metrics row, printed and written (the `logging` part of a step)."""
-    row = {"step": step, "event": "step", "phase": "rl", "reward": float(res.rewards.mean()),
-           "seq_len": float(np.mean([len(s) for s in res.sequences])), "loss": float(m.loss),
-           "grad_norm": float(m.grad_norm), "tokens": int(m.tokens), "logp_mismatch": float(m.logp_mismatch),
-           "rollout_s": rollout_s, "train_s": train_s, "gen_tokens_per_s": res.gen_tokens / max(res.seconds, 1e-9),
-           "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
-    row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(config, step, num_steps=num_steps).items()})
+    row = common.step_row(config, step, num_steps, res, m, reward_s=reward_s, train_s=train_s)
     writer.log(row)
-    print(f"Step {step}/{num_steps} | Average reward: {row['reward']:.4f} | Average sequence length: "
-          f"{row['seq_len']:.2f} | loss {row['loss']:.6f} | {row['gen_tokens_per_s']:.0f} tok/s | "
-          f"rollout {rollout_s:.2f}s train {train_s:.2f}s", flush=True)
+    print(common.step_line(row, num_steps), flush=True)
 
 
 def _rl_figures(steps, Q, S, M, dbs, ctx, ceil):

@@ -1,4 +1,5 @@
-"""Loading shared by the scripts: a policy from any checkpoint kind, and a task from a name or folder.
+"""Shared by the scripts: a policy from any checkpoint kind, a task from a name or folder, and
+train_rl's per-step metrics row (the rl-step benchmark logs the very same row).
 
 A policy path may be: a jaxrl import (model.json + params/), a jaxrl run directory (model.json +
 checkpoints/: its latest complete checkpoint), or anything nanochat writes (a base dir, a
@@ -104,3 +105,31 @@ def export_nanochat_or_warn(model_config, params, run_dir, step, info):
     tag = f"d{model_config.n_layer}"
     out = Path(run_dir) / "chatrl_checkpoints" / tag
     return convert.export_params(model_config, host, out, step, phase="rl", source_info=info.get("source"))
+
+
+def step_row(model_config, step: int, num_steps: int, res, m, *, reward_s: float, train_s: float,
+             lrs: dict | None = None) -> dict:
+    """train_rl's metrics row of one RL step: `res` a rollout.RoundResult of this process, `m` the
+    fetched rl.StepMetrics, `lrs` the base learning rates (optim.group_lrs keywords; None: nanochat's).
+    Reward and length are means over processes, generated tokens/s counts every process."""
+    import numpy as np
+
+    from jaxrl import distributed, optim
+
+    row = {"step": step, "event": "step", "phase": "rl",
+           "reward": distributed.mean_scalar(float(res.rewards.mean())),
+           "seq_len": distributed.mean_scalar(float(np.mean([len(s) for s in res.sequences]))),
+           "loss": float(m.loss), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+           "logp_mismatch": float(m.logp_mismatch), "rollout_s": res.seconds, "reward_s": reward_s,
+           "train_s": train_s, "gen_tokens_per_s": distributed.sum_scalar(res.gen_tokens) / max(res.seconds, 1e-9),
+           "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
+    row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(model_config, step, num_steps=num_steps,
+                                                             **(lrs or {})).items()})
+    return row
+
+
+def step_line(row: dict, num_steps: int) -> str:
+    """nanochat's step line plus loss, throughput and timings."""
+    return (f"Step {row['step']}/{num_steps} | Average reward: {row['reward']:.4f} | Average sequence length: "
+            f"{row['seq_len']:.2f} | loss {row['loss']:.6f} | {row['gen_tokens_per_s']:.0f} tok/s | "
+            f"rollout {row['rollout_s']:.2f}s train {row['train_s']:.2f}s")

@@ -81,9 +81,9 @@ tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generati
 # ------------------------------------------------------------------------------------------
 # Optimizer, state, resume
 
-optimizer = optim.build_optimizer(model_config, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                  matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
-                                  init_lr_frac=cfg.init_lr_frac, num_steps=num_steps)
+lrs = dict(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr, matrix_lr=cfg.matrix_lr,
+           init_lr_frac=cfg.init_lr_frac)  # the optimizer's base learning rates, also logged per step
+optimizer = optim.build_optimizer(model_config, weight_decay=cfg.weight_decay, num_steps=num_steps, **lrs)
 params = jax.device_put(params, sharding.replicated(mesh))
 opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
 ckpt = CheckpointManager(run_dir / "checkpoints")  # opening it deletes unfinished (killed) saves
@@ -148,16 +148,9 @@ def local_view(tree):
 
 def evaluate(step: int):
     """nanochat's pass@k (first k of n) on the first eval_examples test questions, plus unbiased pass@k."""
-    n = min(cfg.eval_examples, len(test_task))
-    mine = distributed.process_share(np.arange(n))
-    res = rollout.run_round(model_config, local_view(params), tokenizer, test_task, mine, eval_args, tool=tool,
-                            step=0, mesh=local_mesh, chunk=max(1, 512 // eval_n),
-                            same_keys_per_question=cfg.eval_shared_keys)
-    correct = distributed.gather_rows(res.correct)
-    row = {"step": step, "event": "eval", "phase": "rl", "eval_examples": int(correct.shape[0])}
-    row.update(rollout.pass_at_k_first(correct))
-    for k, (mean, lo, hi) in rollout.pass_at_k_unbiased(correct).items():
-        row.update({f"unbiased_{k}": mean, f"unbiased_{k}_lo": lo, f"unbiased_{k}_hi": hi})
+    row = rollout.eval_row(model_config, local_view(params), tokenizer, test_task, num_examples=cfg.eval_examples,
+                           args=eval_args, tool=tool, mesh=local_mesh, step=step, phase="rl",
+                           shared_keys=cfg.eval_shared_keys)
     writer.log(row)
     print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {row[f'pass@{k}']:.4f}" for k in range(1, eval_n + 1)))
     return row
@@ -210,16 +203,7 @@ for step in bar:
     params, opt_state, m = train_step(params, opt_state, batch)
     m = jax.device_get(m)
     train_s = time.perf_counter() - t0
-    mean_reward = distributed.mean_scalar(float(res.rewards.mean()))
-    seq_len = distributed.mean_scalar(float(np.mean([len(s) for s in res.sequences])))
-    row = {"step": step, "event": "step", "phase": "rl", "reward": mean_reward, "seq_len": seq_len,
-           "loss": float(m.loss), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
-           "logp_mismatch": float(m.logp_mismatch), "rollout_s": res.seconds, "reward_s": reward_s,
-           "train_s": train_s, "gen_tokens_per_s": distributed.sum_scalar(res.gen_tokens) / max(res.seconds, 1e-9),
-           "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
-    row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(
-        model_config, step, num_steps=num_steps, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-        matrix_lr=cfg.matrix_lr, init_lr_frac=cfg.init_lr_frac).items()})
+    row = common.step_row(model_config, step, num_steps, res, m, reward_s=reward_s, train_s=train_s, lrs=lrs)
     if m.skipped:
         consecutive_skips += 1
         print0(f"Step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}: update skipped "
@@ -228,9 +212,8 @@ for step in bar:
     else:
         consecutive_skips = 0
     writer.log(row)
-    print0(f"Step {step}/{num_steps} | Average reward: {mean_reward:.4f} | Average sequence length: {seq_len:.2f} | "
-           f"loss {row['loss']:.6f} | {row['gen_tokens_per_s']:.0f} tok/s | rollout {res.seconds:.2f}s train {train_s:.2f}s")
-    bar.set_postfix(reward=f"{mean_reward:.3f}", pass1=f"{last_eval['pass@1']:.3f}" if last_eval else "-")
+    print0(common.step_line(row, num_steps))
+    bar.set_postfix(reward=f"{row['reward']:.3f}", pass1=f"{last_eval['pass@1']:.3f}" if last_eval else "-")
     if consecutive_skips >= cfg.max_nonfinite_skips:
         save(step)  # the skipped updates left params as the last good state
         print0(f"stopping: {consecutive_skips} consecutive non-finite steps (max_nonfinite_skips); "
