@@ -4,7 +4,9 @@ Two cache layouts, both read by the model's own trunk through an attention "view
 - `KVCache` + `decode_step`: one (L,B,S,K,Dh) cache, slot s of row b = position s − pad[b]
   (left padding puts every row's next token in the same slot: one in-place update per step);
 - `SharedCache` + `decode_shared` (what the sampler runs): N samples per prompt read the prompt's
-  keys once per prompt, and their own generated keys from a per-row buffer.
+  keys once per prompt, and their own generated keys from per-row blocks of GEN_BLOCK columns
+  (stored in the layouts the attention einsums read, one buffer per layer and block, so a decode
+  step writes one column in place and copies nothing).
 
 Test: `pytest tests/test_model.py` (cache = full forward) and `pytest tests/test_sampler.py`.
 """
@@ -18,6 +20,8 @@ import jax.numpy as jnp
 
 from jaxrl import model as gpt
 from jaxrl.model import GPTConfig, Params
+
+GEN_BLOCK = 64  # generated keys/values live in blocks of this many columns (the sampler's decode phases)
 
 
 class KVCache(NamedTuple):
@@ -44,24 +48,34 @@ class SlotView:
 
 class SharedView:
     """Decode for N samples per prompt: the prompt's keys are read once per prompt, each row's
-    generated keys from its own buffer, of which only the first `gen_len` slots are read."""
+    generated keys from its own blocks of GEN_BLOCK columns, of which only the first
+    `gen_len` columns (whole blocks) are read; column `col` lies in the last of them."""
 
     def __init__(self, cache: "SharedCache", col, pad, gen_len: int):
         self.c, self.col, self.pad, self.gen_len = cache, col, pad, gen_len
 
     def attend(self, i, q, k, v, positions, window):
         c = self.c
-        kg = jax.lax.dynamic_update_slice(c.kg, k[None].astype(c.kg.dtype), (i, 0, self.col, 0, 0))
-        vg = jax.lax.dynamic_update_slice(c.vg, v[None].astype(c.vg.dtype), (i, 0, self.col, 0, 0))
-        self.c = c._replace(kg=kg, vg=vg)
+        n_blocks = -(-self.gen_len // GEN_BLOCK)
+        last = n_blocks - 1
+        # write column `col` into its block (keys (R,K,Dh,B), values (R,K,B,Dh): the operand layouts of the
+        # einsums below, and whole buffers, so a step neither transposes nor copies the generated cache)
+        kb = jax.lax.dynamic_update_slice(c.kg[i][last], jnp.transpose(k, (0, 2, 3, 1)).astype(c.kg[i][last].dtype),
+                                          (0, 0, 0, self.col - last * GEN_BLOCK))
+        vb = jax.lax.dynamic_update_slice(c.vg[i][last], jnp.transpose(v, (0, 2, 1, 3)).astype(c.vg[i][last].dtype),
+                                          (0, 0, self.col - last * GEN_BLOCK, 0))
+        kg, vg = c.kg[i][:last] + (kb,), c.vg[i][:last] + (vb,)
+        self.c = c._replace(kg=c.kg[:i] + (kg + c.kg[i][n_blocks:],) + c.kg[i + 1:],
+                            vg=c.vg[:i] + (vg + c.vg[i][n_blocks:],) + c.vg[i + 1:])
         P, Tp = c.kp.shape[1], c.kp.shape[2]
         R, _, H, hd = q.shape
         K = c.kp.shape[3]
-        N, G = R // P, self.gen_len
+        N = R // P
+        G = sum(b.shape[-1] for b in kg)
         qp = q.reshape(P, N, K, H // K, hd)
+        qr = q.reshape(R, K, H // K, hd)
         sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
-        sg = jnp.einsum("rkgd,rskd->rkgs", q.reshape(R, K, H // K, hd), kg[i, :, :G].astype(q.dtype),
-                        preferred_element_type=jnp.float32)
+        sg = [jnp.einsum("rkgd,rkds->rkgs", qr, b.astype(q.dtype), preferred_element_type=jnp.float32) for b in kg]
         q_pos = positions[:, 0]  # (R,)
         kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
         kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
@@ -74,12 +88,18 @@ class SharedView:
             ok_g &= q_pos[:, None] - kg_pos <= window
         low = jnp.finfo(jnp.float32).min
         scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp.reshape(R, K, H // K, Tp), low),
-                                  jnp.where(ok_g[:, None, None], sg, low)], axis=-1) / math.sqrt(hd)
+                                  jnp.where(ok_g[:, None, None], jnp.concatenate(sg, axis=-1), low)],
+                                 axis=-1) / math.sqrt(hd)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        pp, pg = probs[..., :Tp].reshape(P, N, K, H // K, Tp), probs[..., Tp:]
-        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype), preferred_element_type=jnp.float32)
-        y = y.reshape(R, K, H // K, hd) + jnp.einsum("rkgs,rskd->rkgd", pg, vg[i, :, :G].astype(q.dtype),
-                                                      preferred_element_type=jnp.float32)
+        pp = probs[..., :Tp].reshape(P, N, K, H // K, Tp)
+        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype),
+                       preferred_element_type=jnp.float32).reshape(R, K, H // K, hd)
+        start = Tp
+        for b in vg:
+            width = b.shape[2]
+            y = y + jnp.einsum("rkgs,rksd->rkgd", probs[..., start:start + width], b.astype(q.dtype),
+                               preferred_element_type=jnp.float32)
+            start += width
         return y.astype(q.dtype).reshape(R, 1, H, hd), None
 
 
@@ -118,8 +138,8 @@ class SharedCache(NamedTuple):
 
     kp: jax.Array  # (L, P, Tp, K, Dh) prompt keys, shared by the prompt's samples
     vp: jax.Array  # (L, P, Tp, K, Dh)
-    kg: jax.Array  # (L, R, M, K, Dh) keys of generated tokens, column j at slot j
-    vg: jax.Array  # (L, R, M, K, Dh)
+    kg: tuple  # per layer, per block of GEN_BLOCK columns: (R, K, Dh, B) keys of generated tokens
+    vg: tuple  # the same blocks of their values, (R, K, B, Dh)
     prev_emb: jax.Array  # (R, D) pre-smear embedding of the last token (gen-2026-07)
 
 
@@ -127,16 +147,19 @@ def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_to
     """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows."""
     L, P, Tp, K, hd = cache.k.shape
     R = P * num_samples
-    zeros = jnp.zeros((L, R, max_new_tokens, K, hd), cache.k.dtype)
+    widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
+    kg = tuple(tuple(jnp.zeros((R, K, hd, w), cache.k.dtype) for w in widths) for _ in range(L))
+    vg = tuple(tuple(jnp.zeros((R, K, w, hd), cache.k.dtype) for w in widths) for _ in range(L))
     prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
-    return SharedCache(cache.k, cache.v, zeros, zeros, prev)
+    return SharedCache(cache.k, cache.v, kg, vg, prev)
 
 
 def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
     """One token per row at generated column `col`: tokens (R,), pad (P,) of the prompts.
 
-    Attends to the prompt (read once per prompt) and to generated slots [0, gen_len) (a static
-    bound >= col + 1, so early columns read less). Returns (logits (R,V) f32, cache).
+    Attends to the prompt (read once per prompt) and to generated columns [0, gen_len): `gen_len` is
+    static, the end of the GEN_BLOCK block that holds `col` (or max_new_tokens), so early columns
+    read less. Returns (logits (R,V) f32, cache).
     """
     P, Tp = cache.kp.shape[1], cache.kp.shape[2]
     R = tokens.shape[0]

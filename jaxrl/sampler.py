@@ -34,7 +34,7 @@ from jaxrl import decode
 from jaxrl import sharding
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
-PHASE = 64  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
+PHASE = decode.GEN_BLOCK  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
 COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
 
@@ -219,7 +219,8 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
             out=jax.tree.map(lambda a: a[idx], state.out), done=state.done[idx], pad=state.pad[prompt],
             logits=state.logits[idx], in_py=state.in_py[idx], expr_start=state.expr_start[idx],
             queue=state.queue[idx], qlen=state.qlen[idx], qhead=state.qhead[idx],
-            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], c.kg[:, idx], c.vg[:, idx], c.prev_emb[idx]))
+            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], jax.tree.map(lambda a: a[idx], c.kg),
+                                     jax.tree.map(lambda a: a[idx], c.vg), c.prev_emb[idx]))
         small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
                         lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
         return state._replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))

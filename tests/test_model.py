@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import GENERATIONS
-from jaxrl.decode import decode_step, prefill
+from jaxrl.decode import GEN_BLOCK, decode_shared, decode_step, prefill, shared_cache
 from jaxrl.model import GPTConfig, forward, param_table, token_nll, unflatten_params
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
@@ -106,6 +106,31 @@ def test_cached_prefill_and_decode_equal_full_forward(generation):
         logits, cache = step(config, params, seq[rows, pos], width + j, jnp.asarray(pad, jnp.int32), cache)
         np.testing.assert_allclose(logits, full[rows, pos], rtol=0, atol=FP32_ATOL,
                                    err_msg=f"decode step {j}, positions {pos}")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_shared_prompt_decode_equals_full_forward(generation):
+    """The sampler's decode (one prompt cache shared by N samples, generated keys in blocks of
+    GEN_BLOCK columns) matches the full forward of every row, across two block boundaries and a
+    partial last block, with prompts of different lengths and samples that differ from column 0."""
+    config = tiny_config(generation)
+    params = random_params(config)
+    P, N, M = 2, 3, 2 * GEN_BLOCK + 6
+    lengths = np.array([5, 17])
+    width = int(lengths.max())
+    pad = jnp.asarray(width - lengths, jnp.int32)
+    prompt_tokens = np.asarray(random_tokens(config, (P, width), seed=2))
+    gen = np.asarray(random_tokens(config, (P * N, M), seed=3))
+    rows = [np.concatenate([prompt_tokens[r // N, width - lengths[r // N]:], gen[r]]) for r in range(P * N)]
+    full = [np.asarray(fwd(config, params, jnp.asarray(row)[None]))[0] for row in rows]
+    logits, cache = prefill(config, params, jnp.asarray(prompt_tokens), pad, width)
+    cache = shared_cache(config, cache, N, M)
+    step_shared = jax.jit(decode_shared, static_argnums=(0, 6))
+    for col in range(M):
+        gen_len = min(M, (col // GEN_BLOCK + 1) * GEN_BLOCK)
+        logits, cache = step_shared(config, params, jnp.asarray(gen[:, col]), col, pad, cache, gen_len)
+        want = np.stack([full[r][lengths[r // N] + col] for r in range(P * N)])
+        np.testing.assert_allclose(logits, want, rtol=0, atol=FP32_ATOL, err_msg=f"column {col}")
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
