@@ -153,7 +153,29 @@ def rms_norm(x):
 
 def linear(x, w):
     """y = x · wᵀ with w in torch layout (out, in), computed in x's dtype."""
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+    return _x_wt(x, w.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _x_wt(x, w):
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+def _x_wt_fwd(x, w):
+    return _x_wt(x, w), (x, w)
+
+
+def _x_wt_bwd(res, g):
+    """dx = g·w; dw = (xᵀ·g)ᵀ. Autodiff's own dw = gᵀ·x makes XLA's CPU dots read g (tokens ×
+    out, e.g. the (tokens × vocab) logit gradient) transposed, which it materialises in a slow
+    strided fusion; xᵀ·g reads g as it is and transposes only the (in × out) result."""
+    x, w = res
+    dx = jnp.einsum("...o,oi->...i", g, w)
+    dw = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])).T
+    return dx, dw
+
+
+_x_wt.defvjp(_x_wt_fwd, _x_wt_bwd)
 
 
 def rotary(config: GPTConfig, positions):

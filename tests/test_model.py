@@ -16,7 +16,7 @@ import pytest
 
 from conftest import GENERATIONS
 from jaxrl.decode import GEN_BLOCK, decode_shared, decode_step, prefill, shared_cache
-from jaxrl.model import GPTConfig, forward, param_table, token_nll, unflatten_params
+from jaxrl.model import GPTConfig, forward, linear, param_table, token_nll, unflatten_params
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
 # bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;
@@ -131,6 +131,25 @@ def test_shared_prompt_decode_equals_full_forward(generation):
         logits, cache = step_shared(config, params, jnp.asarray(gen[:, col]), col, pad, cache, gen_len)
         want = np.stack([full[r][lengths[r // N] + col] for r in range(P * N)])
         np.testing.assert_allclose(logits, want, rtol=0, atol=FP32_ATOL, err_msg=f"column {col}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_gradient_equals_autodiff(dtype):
+    """model.linear's hand-written backward (dw = (xᵀ·g)ᵀ) equals autodiff of the plain einsum, for
+    fresh random shapes, with fp32 weights cast to the compute dtype (bf16: same rounding points)."""
+    rng = np.random.default_rng()
+    lead, n_in, n_out = tuple(rng.integers(1, 6, 2)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+    kx, kw, kg = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+    x = jax.random.normal(kx, (*lead, n_in)).astype(dtype)
+    w = jax.random.normal(kw, (n_out, n_in))
+    g = jax.random.normal(kg, (*lead, n_out)).astype(dtype)
+    y, vjp = jax.vjp(linear, x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.einsum("...i,oi->...o", x, w.astype(x.dtype)), x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
