@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrl.checkpoint import STATE
 from jaxrl.model import GPTConfig, Params, flatten_params, param_table, unflatten_params
 
 MODEL_JSON = "model.json"
@@ -154,7 +155,7 @@ def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[G
     if step is None or step not in mgr.all_steps():
         raise CheckpointError(f"{d / RUN_CHECKPOINTS} holds no complete checkpoint "
                               f"{'yet' if step is None else f'of step {step} (it has {sorted(mgr.all_steps())})'}")
-    state = d / RUN_CHECKPOINTS / str(step) / "state"  # jaxrl.checkpoint's layout
+    state = d / RUN_CHECKPOINTS / str(step) / STATE  # jaxrl.checkpoint's layout
     with ocp.PyTreeCheckpointer() as ckptr:  # params only, as host numpy: any device count can read them
         saved = ckptr.metadata(state).item_metadata.tree["params"]
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
