@@ -13,7 +13,8 @@ the CPU gets sizes that finish in minutes on 2 cores (d4, float32); every flag o
 Each run prints a table and, as its last stdout line, one JSON object (device, jax version,
 shapes, dtype, every figure, the ceilings used); `--out FILE` appends that line to a JSONL.
 What each figure means: the docstrings of bench_sampler.py, bench_train.py, bench_convert.py and
-docs/benchmarks.md. Test: `pytest tests/test_bench.py`.
+docs/benchmarks.md. `--profile DIR` (sampler, train, rl-step) adds where one call's time goes
+(bench_profile.py). Test: `pytest tests/test_bench.py`.
 """
 import argparse
 import datetime
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--temperature", type=float, default=1.0)
         q.add_argument("--top-k", type=int, default=50)
         q.add_argument("--no-tool", action="store_true", help="sample without the calculator tool")
+    for q in (s, t, r):
+        q.add_argument("--profile", metavar="DIR", help="after timing, run the subject once more under "
+                       "jax.profiler: trace in DIR/<name>/, per-op self times in the table and the JSON (`profile`)")
     for q in (t, r):
         q.add_argument("--device-batch-size", type=int, default=8, help="rows per pass (nanochat's 8): the "
                        "loss normalisation")
@@ -145,6 +149,10 @@ def main(argv=None) -> int:
     print(f"\n{args.bench}: {rec['model']} ({rec['shapes']['generation']}, {rec['dtype']}) on "
           f"{rec['n_devices']} x {rec['device']}, jax {rec['jax_version']}, load {rec['host']['load_avg']}")
     print_table(headers, table)
+    if rec.get("profile"):
+        import bench_profile
+
+        bench_profile.print_summary(rec["profile"])
     line = json.dumps(rec)
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:

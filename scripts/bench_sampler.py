@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 import bench_device
+import bench_profile
 from bench_setup import make_tool
 from jaxrl import decode
 from jaxrl import sampler
@@ -97,6 +98,8 @@ def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
     achieved = steps * bytes_step / decode_s
     out.update(decode_s=decode_s, bytes_per_step=bytes_step, achieved_bytes_per_s=achieved,
                mbu=achieved / ceil["bytes_per_s"])
+    if args.profile:
+        out["profile"] = bench_profile.profile(args.profile, f"sampler_{P}x{S}", call)
     return out
 
 
@@ -123,8 +126,11 @@ def tool_figures(call, stats, name: str, steps: int, decode_s: float, prefill_s:
 def run(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     """Every configuration; the record's top-level figures are the last (largest) one's."""
     results = [run_one(ctx, args, P, S, ceil) for P, S in configurations(args)]
+    profiles = [r.pop("profile") for r in results if "profile" in r]
     figures = dict(results[-1], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    ignore_eos=args.ignore_eos, sweep=results if len(results) > 1 else [])
+    if profiles:
+        figures["profile"] = profiles
     headers = ["rows", "PxS", "gen tok/s", "prefill tok/s", "TTFT s", "compile s", "tool cb/call", "tool host s",
                "tool overhead", "MBU"]
     table = [[r["rows"], f"{r['prompts']}x{r['num_samples']}", f"{r['gen_tokens_per_s']:,.0f}",

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import bench_device
+import bench_profile
 import common
 from bench_setup import make_tool
 from jaxrl import distributed, optim, rl, rollout, sampler, sharding
@@ -98,6 +99,10 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
                   f"{rows * T / step_s:,.0f}", f"{100 * flops / step_s / ceil['flops_per_s']:.1f}%", ""])
     out.update(optimizer_s=opt_s, train_step_s=step_s, step_tokens_per_s=rows * T / step_s,
                step_mfu=flops / step_s / ceil["flops_per_s"])
+    if args.profile:
+        out["profile"] = [bench_profile.profile(args.profile, "train_fwdbwd", lambda: fns[0](ctx.params, batch)),
+                          bench_profile.profile(args.profile, "train_optimizer",
+                                                lambda: upd(ctx.params, opt_state, grads))]
     return out, ["what", "seconds", "tokens/s", "MFU", "compile s"], table
 
 
@@ -151,16 +156,18 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     tool = None if args.no_tool else make_tool(ctx, M + 2)
     task = TimedTask(ctx.task)
     num_steps = 1 + args.repeats
-    optimizer = optim.build_optimizer(config, num_steps=num_steps)
+    optimizer = optim.build_optimizer(config, num_steps=num_steps + bool(args.profile))
     params = jax.device_put(jax.tree.map(jnp.copy, ctx.params), sharding.replicated(mesh))
     opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
     loss_spec = rl.LossSpec(dbs, S // dbs, Q, chunk_rows=args.chunk_rows)
     train_step = rl.compiled_train_step(config, loss_spec, optimizer, mesh)
     sargs = rollout.SamplingArgs(S, M, args.temperature, args.top_k, args.seed)
-    steps, train_len = [], 0
+    train_len = 0
     with tempfile.TemporaryDirectory() as run_dir:
         writer = MetricsWriter(run_dir, "dummy", {})
-        for step in range(num_steps):
+
+        def one_step(step: int) -> dict:
+            nonlocal params, opt_state, train_len
             compiled_before = (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
             task.seconds, tool_s = 0.0, (tool.seconds if tool else 0.0)
             t0 = time.perf_counter()
@@ -178,12 +185,20 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             _log_step(writer, config, step, num_steps, res, m, t2 - t1, t3 - t2)
             t4 = time.perf_counter()
             recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
-            steps.append({"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
-                          "train_s": t3 - t2, "logging_s": t4 - t3, "gen_tokens": res.gen_tokens,
-                          "train_tokens": int(np.sum(jax.device_get(batch.bins))) * train_len, "seq_len": int(batch.inputs.shape[1]),
-                          "tool_host_s": (tool.seconds if tool else 0.0) - tool_s, "recompiled": recompiled})
+            return {"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
+                    "train_s": t3 - t2, "logging_s": t4 - t3, "gen_tokens": res.gen_tokens,
+                    "train_tokens": int(np.sum(jax.device_get(batch.bins))) * train_len,
+                    "seq_len": int(batch.inputs.shape[1]),
+                    "tool_host_s": (tool.seconds if tool else 0.0) - tool_s, "recompiled": recompiled}
+
+        steps = [one_step(step) for step in range(num_steps)]
+        # one more step, untimed, under the profiler (the optimizer's schedule has room for it)
+        profiles = [bench_profile.profile(args.profile, "rl_step", lambda: one_step(num_steps))] if args.profile else []
         writer.close()
-    return _rl_figures(steps, Q, S, M, dbs, ctx, ceil)
+    out, headers, table = _rl_figures(steps, Q, S, M, dbs, ctx, ceil)
+    if profiles:
+        out["profile"] = profiles
+    return out, headers, table
 
 
 def _log_step(writer, config, step, num_steps, res, m, reward_s, train_s):

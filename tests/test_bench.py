@@ -34,6 +34,7 @@ KEYS = {
     "rl-step": ("step_s", "rollout_s", "reward_s", "train_s", "logging_s"),
     "convert": ("import_s", "peak_rss_mb", "export_s", "load_s"),
 }
+PROFILED = {"sampler": ["sampler_1x2"], "train": ["train_fwdbwd", "train_optimizer"], "rl-step": ["rl_step"]}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def runs(tmp_path_factory):
         out = tmp / f"{name}.jsonl"
         cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), name, "--model", "d4", "--repeats", "1",
                "--out", str(out), *extra]
+        if name in PROFILED:
+            cmd += ["--profile", str(tmp / f"{name}-profile")]
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True), out)
     results = {}
@@ -70,6 +73,45 @@ def test_subcommand_ends_with_complete_json(runs, name):
     for key in KEYS[name]:
         assert isinstance(record[key], (int, float)), f"{name}: {key} = {record[key]!r} is not a number"
     assert out.read_text().splitlines() == [last], "--out must append exactly the final JSON line"
+
+
+@pytest.mark.parametrize("name", list(PROFILED))
+def test_profile_summarises_a_real_trace(runs, name):
+    """--profile: one summary per profiled call, each naming a trace file that exists, with ops
+    whose self times are positive, sorted, and no larger than the busy time they are part of."""
+    record = json.loads(runs[name][1].strip().splitlines()[-1])
+    assert [p["name"] for p in record["profile"]] == PROFILED[name]
+    for p in record["profile"]:
+        assert os.path.isfile(p["trace"]) and p["trace"].endswith(".trace.json.gz")
+        assert p["busy_ms"] > 0 and p["top_ops"] and p["top_kinds"]
+        for ops in (p["top_ops"], p["top_kinds"]):
+            times = [o["self_ms"] for o in ops]
+            assert times == sorted(times, reverse=True) and times[-1] >= 0 and sum(times) <= p["busy_ms"] + 1e-6
+        assert not any("wait" in o["name"].lower() or o["name"].startswith("$") for o in p["top_ops"])
+    assert f"profile {PROFILED[name][0]}:" in runs[name][1]
+
+
+def test_profile_self_times_of_nested_spans():
+    """Self time = duration minus the spans nested in it on the same thread; waits, Python frames
+    and the python thread are left out on a CPU; on an accelerator only the device's tracks count."""
+    import bench_profile
+
+    def span(name, ts, dur, pid=1, tid=2):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "XLAEigen"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 3, "args": {"name": "python"}}]
+    cpu = meta + [span("fusion.1", 0, 100), span("dot.2", 10, 30), span("dot.2", 20, 10), span("fusion.1", 50, 20),
+                  span("fusion.1", 200, 5, tid=4), span("Pool::Await", 60, 5), span("$py_frame", 0, 500),
+                  span("on_python_thread", 0, 500, tid=3)]
+    times, counts = bench_profile.self_times(cpu)
+    # fusion.1: 100 - 30 (dot) - 20 (nested fusion.1) + 20 (the nested one) + 5 (other thread)
+    assert dict(times) == {"fusion.1": 75, "dot.2": 30} and dict(counts) == {"fusion.1": 3, "dot.2": 2}
+    gpu = cpu + [{"ph": "M", "name": "process_name", "pid": 9, "args": {"name": "/device:GPU:0"}},
+                 span("gemm_kernel", 0, 40, pid=9, tid=1), span("loop_fusion", 40, 7, pid=9, tid=1)]
+    times, _ = bench_profile.self_times(gpu)
+    assert dict(times) == {"gemm_kernel": 40, "loop_fusion": 7}
 
 
 def test_nanochat_shapes_and_counts():
