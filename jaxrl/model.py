@@ -13,13 +13,18 @@ no transposes, and Muon sees the same (rows, cols) as nanochat.
 Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
 K kv heads, Dh head dim, V vocab, L layers.
 
+Attention of full sequences (training, prefill): `JAXRL_ATTENTION` = einsum (default) | xla |
+cudnn, the last two through jax.nn.dot_product_attention (see `full_attention`).
+
 Test: `pytest tests/test_model.py` (properties: causality, cache = full forward, bf16) and
 `pytest tests/test_convert.py` (golden logits of every generation from ../shared/fixtures; needs torch).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -206,6 +211,20 @@ class Packing(NamedTuple):
     prev_index: jax.Array  # (B,T) int32 index of the previous token of the same sequence (smear)
 
 
+def attention_mask(q_pos, k_pos, window: int | None, packing: Packing | None = None):
+    """(B,T,S) bool: causal over absolute positions, keys at negative positions (left padding)
+    hidden, an optional left window, and with `packing` only the query's own piece and the prefix
+    that piece continues."""
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B,T,S)
+    mask = (delta >= 0) & (k_pos[:, None, :] >= 0)
+    if window is not None:
+        mask = mask & (delta <= window)
+    if packing is not None:
+        seg_k = packing.segments[:, None, :]
+        mask = mask & ((seg_k == packing.segments[:, :, None]) | (seg_k == packing.parents[:, :, None]))
+    return mask
+
+
 def attend(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | None = None):
     """Grouped-query attention with a causal (and optional left-window) mask over absolute positions.
 
@@ -217,18 +236,36 @@ def attend(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | None = 
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    delta = q_pos[:, :, None] - k_pos[:, None, :]  # (B,T,S)
-    mask = (delta >= 0) & (k_pos[:, None, :] >= 0)  # negative positions are left padding
-    if window is not None:
-        mask = mask & (delta <= window)
-    if packing is not None:
-        seg_k = packing.segments[:, None, :]
-        mask = mask & ((seg_k == packing.segments[:, :, None]) | (seg_k == packing.parents[:, :, None]))
+    mask = attention_mask(q_pos, k_pos, window, packing)
     # finite: a padding query with no visible key gets a harmless uniform row instead of NaN
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(B, T, H, hd)
+
+
+def attend_fused(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | None = None, *,
+                 implementation: str = "xla"):
+    """`attend` through jax.nn.dot_product_attention ("cudnn": cuDNN's fused attention, bf16/fp16
+    on NVIDIA GPUs only; "xla": JAX's reference path). Same mask, declared causal as well (keys
+    never follow their query in a row, packed or not). Each query also sees its own slot, so a
+    padding query with no visible key stays finite; no real query's output changes."""
+    mask = attention_mask(q_pos, k_pos, window, packing)
+    T, S = mask.shape[1:]
+    if T == S:
+        mask = mask | jnp.eye(T, dtype=bool)[None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=T == S, implementation=implementation)
+    return out.astype(q.dtype)
+
+
+def full_attention():
+    """The attention of training and prefill, chosen by JAXRL_ATTENTION (read when a function is traced)."""
+    impl = os.environ.get("JAXRL_ATTENTION", "einsum")
+    if impl == "einsum":
+        return attend
+    if impl in ("xla", "cudnn"):
+        return functools.partial(attend_fused, implementation=impl)
+    raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}")
 
 
 def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
@@ -249,7 +286,7 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
     if cache is None:
-        y, kv = attend(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
+        y, kv = full_attention()(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
     else:
         y, kv = cache.attend(i, q, k, v, positions, window)
     return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv

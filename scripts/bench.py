@@ -109,7 +109,8 @@ def record(args, device, figures, config, ceil) -> dict:
     return {"bench": args.bench, "device": device.device_kind, "platform": device.platform,
             "n_devices": jax.device_count(), "jax_version": jax.__version__,
             "model": str(args.checkpoint) if args.checkpoint else args.model, "shapes": shapes,
-            "dtype": args.dtype, "rows": figures.pop("rows"), **figures, "ceilings": ceil,
+            "dtype": args.dtype, "attention": os.environ.get("JAXRL_ATTENTION", "einsum"),
+            "rows": figures.pop("rows"), **figures, "ceilings": ceil,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": {"cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in load]},
             "command": "python scripts/bench.py " + shlex.join(sys.argv[1:])}

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import GENERATIONS
 from jaxrl.decode import GEN_BLOCK, decode_shared, decode_step, prefill, shared_cache
-from jaxrl.model import GPTConfig, forward, linear, param_table, token_nll, unflatten_params
+from jaxrl.model import GPTConfig, Packing, forward, linear, param_table, token_nll, unflatten_params
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
 # bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;
@@ -131,6 +131,48 @@ def test_shared_prompt_decode_equals_full_forward(generation):
         logits, cache = step_shared(config, params, jnp.asarray(gen[:, col]), col, pad, cache, gen_len)
         want = np.stack([full[r][lengths[r // N] + col] for r in range(P * N)])
         np.testing.assert_allclose(logits, want, rtol=0, atol=FP32_ATOL, err_msg=f"column {col}")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_fused_attention_path_equals_einsum(generation, monkeypatch):
+    """JAXRL_ATTENTION=xla (jax.nn.dot_product_attention, the code path cuDNN takes on a GPU) gives
+    the einsum path's logits and gradients: plain rows past the short window, one packed row (a
+    prompt shared by two continuations), and left-padded prefill (padding slots excluded)."""
+    config = tiny_config(generation)
+    params = random_params(config)
+    seq = random_tokens(config, (2, T_LONG))
+    p, a, b = 7, 9, 6  # packed row: prompt (piece 0), continuations (pieces 1, 2) that both extend it
+    packed = random_tokens(config, (1, p + a + b), seed=5)
+    positions = jnp.asarray([list(range(p)) + list(range(p, p + a)) + list(range(p, p + b))])
+    segments = jnp.asarray([[0] * p + [1] * a + [2] * b])
+    parents = jnp.asarray([[0] * p + [0] * a + [0] * b])
+    prev = jnp.asarray([[max(i - 1, 0) for i in range(p + a)] + [p - 1] + list(range(p + a, p + a + b - 1))])
+    packing = Packing(segments, parents, prev)
+    lengths = jnp.asarray([5, 17], jnp.int32)
+    pad = 24 - lengths
+    prompts = random_tokens(config, (2, 24), seed=6)
+
+    def run(impl):
+        monkeypatch.setenv("JAXRL_ATTENTION", impl)
+        loss = jax.jit(jax.value_and_grad(lambda w: token_nll(config, w, seq[:, :-1], seq[:, 1:]).sum()))
+        packed_logits = jax.jit(lambda w: forward(config, w, packed, positions, packing))(params)
+        logits, cache = jax.jit(lambda w: prefill(config, w, prompts, pad, 24))(params)
+        return loss(params), packed_logits, logits, cache
+
+    (l0, g0), pk0, pre0, c0 = run("einsum")
+    (l1, g1), pk1, pre1, c1 = run("xla")
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    scale = max(float(np.max(np.abs(y))) for y in jax.tree.leaves(g0))  # summation order only:
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # measured <= 1.1e-6 of the scale
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(pk1, pk0, rtol=0, atol=FP32_ATOL)
+    np.testing.assert_allclose(pre1, pre0, rtol=0, atol=FP32_ATOL)
+    for r in range(2):  # keys/values of real tokens; padding slots hold unread garbage
+        np.testing.assert_allclose(c1.k[:, r, int(pad[r]):], c0.k[:, r, int(pad[r]):], rtol=0, atol=FP32_ATOL)
+        np.testing.assert_allclose(c1.v[:, r, int(pad[r]):], c0.v[:, r, int(pad[r]):], rtol=0, atol=FP32_ATOL)
+    monkeypatch.setenv("JAXRL_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="JAXRL_ATTENTION must be einsum, xla or cudnn, found 'flash'"):
+        forward(config, params, seq)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
