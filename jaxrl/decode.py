@@ -76,16 +76,12 @@ class SharedView:
         qr = q.reshape(R, K, H // K, hd)
         sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
         sg = [jnp.einsum("rkgd,rkds->rkgs", qr, b.astype(q.dtype), preferred_element_type=jnp.float32) for b in kg]
-        q_pos = positions[:, 0]  # (R,)
         kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
         kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
         kp_pos = jnp.repeat(kp_pos, N, axis=0, total_repeat_length=R)
         kg_pos = jnp.repeat(kg_pos, N, axis=0, total_repeat_length=R)
-        ok_p = (kp_pos >= 0) & (q_pos[:, None] >= kp_pos)
-        ok_g = q_pos[:, None] >= kg_pos
-        if window is not None:
-            ok_p &= q_pos[:, None] - kp_pos <= window
-            ok_g &= q_pos[:, None] - kg_pos <= window
+        ok_p = gpt.attention_mask(positions, kp_pos, window)[:, 0]  # (R, Tp); positions (R, 1)
+        ok_g = gpt.attention_mask(positions, kg_pos, window)[:, 0]  # (R, G)
         low = jnp.finfo(jnp.float32).min
         scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp.reshape(R, K, H // K, Tp), low),
                                   jnp.where(ok_g[:, None, None], jnp.concatenate(sg, axis=-1), low)],
