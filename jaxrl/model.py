@@ -258,14 +258,18 @@ def attend_fused(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | N
     return out.astype(q.dtype)
 
 
+def attention_impl() -> str:
+    """JAXRL_ATTENTION: "einsum" (default), "xla" or "cudnn"; anything else is an error."""
+    impl = os.environ.get("JAXRL_ATTENTION", "einsum")
+    if impl not in ("einsum", "xla", "cudnn"):
+        raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}")
+    return impl
+
+
 def full_attention():
     """The attention of training and prefill, chosen by JAXRL_ATTENTION (read when a function is traced)."""
-    impl = os.environ.get("JAXRL_ATTENTION", "einsum")
-    if impl == "einsum":
-        return attend
-    if impl in ("xla", "cudnn"):
-        return functools.partial(attend_fused, implementation=impl)
-    raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}")
+    impl = attention_impl()
+    return attend if impl == "einsum" else functools.partial(attend_fused, implementation=impl)
 
 
 def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):

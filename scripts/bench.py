@@ -103,13 +103,14 @@ def record(args, device, figures, config, ceil) -> dict:
     import jax
 
     import bench_device
+    from jaxrl import model
 
     shapes = figures.pop("shapes", None) or bench_device.shapes(config)
     load = os.getloadavg()
     return {"bench": args.bench, "device": device.device_kind, "platform": device.platform,
             "n_devices": jax.device_count(), "jax_version": jax.__version__,
             "model": str(args.checkpoint) if args.checkpoint else args.model, "shapes": shapes,
-            "dtype": args.dtype, "attention": os.environ.get("JAXRL_ATTENTION", "einsum"),
+            "dtype": args.dtype, "attention": model.attention_impl(),
             "rows": figures.pop("rows"), **figures, "ceilings": ceil,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": {"cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in load]},
