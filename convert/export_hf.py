@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from convert import hf
 from convert.hf_tokenizer import save_hf_tokenizer
 from convert.load import read_nanochat
@@ -107,7 +109,9 @@ def _write_folder(tmp: Path, config: GPTConfig, state: dict, tok: Tokenizer, ste
                 "nanochat_model_config": json.dumps(config.model_config())}
     if step is not None:
         metadata["nanochat_step"] = str(step)
-    save_file(state, tmp / WEIGHTS, metadata=metadata)
+    # safetensors writes an array's raw buffer whatever its strides, so a transposed or sliced view
+    # would be stored scrambled: hand it C-contiguous copies only
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp / WEIGHTS, metadata=metadata)
     save_hf_tokenizer(tok.enc, tmp)
     (tmp / "README.md").write_text(model_card(config, step), encoding="utf-8")
 

@@ -102,6 +102,11 @@ def test_transformers_loads_exactly_the_exported_weights(cases, hf_models, name)
     assert sorted(loaded) == sorted(expected)
     for key, value in expected.items():
         assert loaded[key].dtype == np.float32 and np.array_equal(loaded[key], value), key
+    tok = Tokenizer.from_directory(FIXTURES / "tokenizer")
+    gen = transformers.GenerationConfig.from_pretrained(folder)  # where nanochat's Engine stops
+    assert (gen.eos_token_id, gen.pad_token_id) == ([tok.specials.assistant_end, tok.specials.bos], tok.specials.assistant_end)
+    # a different eps moves these logits by less than the float32 noise, so pin nanochat's value here
+    assert hf_models[name].config.rms_norm_eps == np.finfo(np.float32).eps
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
