@@ -21,6 +21,7 @@ from jaxrl.checkpoint_io import CheckpointError, save_jaxrl_import
 from jaxrl.model import GPTConfig
 
 INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # widened to float32 exactly
 DESCRIPTION = f"""\
 Convert a folder holding a transformers NanoChatForCausalLM (config.json with model_type
 "nanochat", model.safetensors or sharded model-*.safetensors with {INDEX}, and nanochat's
@@ -68,8 +69,9 @@ def read_weights(src: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 metadata = f.metadata() or {}
             for key in f.keys():
                 arr = f.get_tensor(key)
-                if arr.dtype.kind != "f":
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {arr.dtype}; expected floating point")
+                if arr.dtype.name not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {arr.dtype}; expected one of "
+                                          f"{', '.join(FLOAT_DTYPES)}")
                 state[key] = np.asarray(arr, np.float32)
     return state, metadata
 

@@ -9,6 +9,9 @@ Run: python -m pytest -q tests/test_hf.py
 """
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import FIXTURES  # noqa: E402
+from conftest import FIXTURES, REPO  # noqa: E402
 from convert import export_hf, hf, import_hf, read_nanochat  # noqa: E402
 from convert.export import export_params  # noqa: E402
 from convert.hf_tokenizer import build_tokenizer_json  # noqa: E402
@@ -204,6 +207,45 @@ def test_import_of_the_export_is_bit_exact(cases, name, tmp_path):
     assert info["source"]["step"] == (0 if name == "fixture" else 7)  # the step export_hf recorded
 
 
+def test_import_reads_bfloat16_and_sharded_weights(cases, tmp_path):
+    """A hub-style folder: bf16 weights in two shards with an index; widened to float32 exactly."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    folder = cases["fixture"][3]
+    copy = tmp_path / "hf"
+    shutil.copytree(folder, copy)
+    weights = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(copy / "model.safetensors").items()}
+    (copy / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    for file, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, copy / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert import_hf.main([str(copy), "--out", str(tmp_path / "imp")]) == 0
+    _, params, _ = load_jaxrl_import(tmp_path / "imp")
+    got = hf.to_hf_state(hf.nanochat_state(params))
+    assert sorted(got) == names and all(np.array_equal(got[k], weights[k].astype(np.float32)) for k in names)
+
+
+def test_import_unties_a_tied_head(cases, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    copy = tmp_path / "hf"
+    shutil.copytree(cases["fixture"][3], copy)
+    weights = load_file(copy / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    assert import_hf.main([str(copy), "--out", str(tmp_path / "imp")]) == 0
+    _, params, info = load_jaxrl_import(tmp_path / "imp")
+    state = hf.nanochat_state(params)
+    assert np.array_equal(state["lm_head.weight"], weights["model.embed_tokens.weight"])
+    assert any("tie_word_embeddings" in note for note in info["notes"])
+
+
 def test_nanochat_checkpoint_survives_hf_and_back(cases, tmp_path):
     """nanochat .pt -> transformers folder -> jaxrl import -> nanochat .pt: the same tensors and dtypes."""
     config, params, _, folder = cases["fixture"]
@@ -215,6 +257,20 @@ def test_nanochat_checkpoint_survives_hf_and_back(cases, tmp_path):
     assert list(back) == list(original)
     for key, t in original.items():
         assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
+
+
+def test_export_stores_strided_arrays_in_their_logical_order(tmp_path):
+    """Params that are transposed or Fortran-ordered views must land in the file as their values."""
+    from safetensors.numpy import load_file
+
+    config, params, info = read_nanochat(GEN)
+    state = hf.nanochat_state(params)
+    strided = {k: np.asfortranarray(v) if i % 2 else v.T.copy().T for i, (k, v) in enumerate(state.items())}
+    assert not any(v.flags.c_contiguous for v in strided.values() if v.ndim == 2)
+    export_hf.export_hf(config, hf.params_from_nanochat(strided), info["tokenizer_dir"], tmp_path / "hf")
+    stored = load_file(tmp_path / "hf" / "model.safetensors")
+    expected = hf.to_hf_state(state)
+    assert sorted(stored) == sorted(expected) and all(np.array_equal(stored[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("generation", ["gen-2026-01", "gen-2026-07"])
@@ -273,3 +329,13 @@ def test_tokenizer_json_is_rebuilt_from_ranks_alone():
     for _ in range(30):
         text = "".join(rng.choice(words, size=8))
         assert fast.encode(text, add_special_tokens=False).ids == tok.encode(text), text
+
+
+def test_jaxrl_never_imports_transformers():
+    """Only convert/ may use transformers, and only when a conversion runs (its CLIs' --help need none)."""
+    code = ("import importlib, pkgutil, sys, jaxrl\n"
+            "for m in pkgutil.walk_packages(jaxrl.__path__, 'jaxrl.'): importlib.import_module(m.name)\n"
+            "import convert.export_hf, convert.import_hf\n"
+            "sys.exit(sorted({'transformers', 'safetensors', 'tokenizers'} & set(sys.modules)) != [])")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env).returncode == 0
