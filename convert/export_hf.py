@@ -34,9 +34,10 @@ model (tested with transformers {hf.TRANSFORMERS_TESTED}):
   DIR/generation_config.json  bos <|bos|>, eos <|assistant_end|> and <|bos|> (where nanochat's
                               Engine stops), pad <|assistant_end|>
   DIR/model.safetensors       the float32 weights under transformers' names (no pickle)
-  DIR/tokenizer.json, tokenizer_config.json, chat_template.jinja
-                              nanochat's BPE and specials; the chat template renders
-                              conversations to the ids of nanochat's render_for_completion
+  DIR/tokenizer.json, tokenizer_config.json
+                              nanochat's BPE and specials; the chat template (in
+                              tokenizer_config.json) renders conversations to the ids of
+                              nanochat's render_for_completion
   DIR/README.md               a short model card
 
 SRC is what `python -m convert.export_nanochat` reads (a jaxrl import or trainer checkpoint dir,

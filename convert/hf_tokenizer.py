@@ -4,7 +4,7 @@ nanochat's tokenizer is a tiktoken byte-level BPE (`tokenizer.pkl`) with nanocha
 and nine special tokens after the ordinary ranks. The Hugging Face form is `tokenizer.json`
 (the `tokenizers` library: the same regex split, GPT-2's byte-to-unicode alphabet, BPE merges
 with whole-piece lookups first as tiktoken does) plus `tokenizer_config.json` with the special
-tokens and a chat template that renders nanochat conversations to the ids of jaxrl's
+tokens and a chat template (in tokenizer_config.json) that renders nanochat conversations to the ids of jaxrl's
 `render_conversation` / `render_for_completion` (user/assistant turns, an optional leading
 system message merged into the first user turn, assistant parts of type text, python and
 python_output). `{% generation %}` marks what nanochat trains on, so
@@ -113,7 +113,12 @@ def build_tokenizer_json(enc: tiktoken.Encoding):
 
 
 def save_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path) -> None:
-    """Write tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad) into out_dir."""
+    """Write tokenizer.json + tokenizer_config.json (chat template, bos/eos/pad) into out_dir.
+
+    The chat template goes into tokenizer_config.json (not transformers 5's separate
+    chat_template.jinja) and the class is named PreTrainedTokenizerFast (transformers 5 writes
+    TokenizersBackend), so tools that read the config and older transformers releases find both.
+    """
     from transformers import PreTrainedTokenizerFast
 
     if enc._pat_str != SPLIT_PATTERN:
@@ -122,7 +127,11 @@ def save_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer_json(enc), bos_token="<|bos|>",
                                    eos_token="<|assistant_end|>", pad_token="<|assistant_end|>",
                                    chat_template=CHAT_TEMPLATE, model_max_length=None)
-    fast.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir, save_jinja_files=False)
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def encoding_from_hf(hf_dir: Path) -> tiktoken.Encoding:

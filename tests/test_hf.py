@@ -111,8 +111,8 @@ def test_transformers_loads_exactly_the_exported_weights(cases, hf_models, name)
     # a different eps moves these logits by less than the float32 noise, so pin nanochat's value here
     assert hf_models[name].config.rms_norm_eps == np.finfo(np.float32).eps
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json"]
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("name", ["fixture", "random"])
@@ -154,8 +154,10 @@ def test_transformers_greedy_generate_matches_jaxrl_rollout(cases, hf_models, hf
 # The tokenizer and chat template
 
 
-def test_chat_template_renders_like_jaxrl(hf_tokenizer):
+def test_chat_template_renders_like_jaxrl(cases, hf_tokenizer):
     tok = Tokenizer.from_directory(FIXTURES / "tokenizer")
+    config = json.loads((cases["fixture"][3] / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == hf_tokenizer.chat_template  # what tools that read the config see
     for case in conversations():
         messages = case["conversation"]["messages"]
         ids = hf_tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
