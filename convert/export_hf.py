@@ -43,7 +43,9 @@ model (tested with transformers {hf.TRANSFORMERS_TESTED}):
 SRC is what `python -m convert.export_nanochat` reads (a jaxrl import or trainer checkpoint dir,
 a train_rl run dir: its latest checkpoint) or a nanochat checkpoint (base dir, checkpoint dir,
 model_<step>.pt). Later generations are refused: transformers' NanoChat has no value embeddings,
-lambdas, windows or smear. One difference remains for gen-2025-10: {hf.FP32_ROTARY_NOTE}.
+lambdas, windows or smear. One difference remains for gen-2025-10: nanochat rounds the rotary
+cos/sin tables to bfloat16, transformers keeps them in the model's dtype, so loaded in float32
+the logits differ by about 1e-2 (in bfloat16 the tables agree).
 The folder is written under a temporary name and renamed; on any error nothing is left."""
 
 

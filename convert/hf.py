@@ -45,8 +45,7 @@ LAYER_NAMES = {
     "mlp.c_proj": "mlp.fc2",
 }
 TOP_NAMES = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-_NANOCHAT_LAYER = re.compile(r"transformer\.h\.(\d+)\.(attn\.c_q|attn\.c_k|attn\.c_v|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-                             r"\.weight")
+_NANOCHAT_LAYER = re.compile(r"transformer\.h\.(\d+)\.(attn\.c_[qkv]|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.weight")
 
 

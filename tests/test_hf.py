@@ -59,7 +59,8 @@ def cases(tmp_path_factory):
     """{name: (config, params, SRC given to export_hf, exported folder)}; SRC is a nanochat base dir
     for the fixture and a jaxrl import dir for the random model."""
     root = tmp_path_factory.mktemp("hf")
-    imp = save_jaxrl_import(root / "random-import", RANDOM_CONFIG, hf.params_from_nanochat(random_state(RANDOM_CONFIG, 18)),
+    random_params = hf.params_from_nanochat(random_state(RANDOM_CONFIG, 18))
+    imp = save_jaxrl_import(root / "random-import", RANDOM_CONFIG, random_params,
                             {"generation": "gen-2025-10", "source": {"step": 7}}, tokenizer_dir=FIXTURES / "tokenizer")
     out = {}
     for name, src in (("fixture", GEN), ("random", imp)):
@@ -107,7 +108,8 @@ def test_transformers_loads_exactly_the_exported_weights(cases, hf_models, name)
         assert loaded[key].dtype == np.float32 and np.array_equal(loaded[key], value), key
     tok = Tokenizer.from_directory(FIXTURES / "tokenizer")
     gen = transformers.GenerationConfig.from_pretrained(folder)  # where nanochat's Engine stops
-    assert (gen.eos_token_id, gen.pad_token_id) == ([tok.specials.assistant_end, tok.specials.bos], tok.specials.assistant_end)
+    specials = tok.specials
+    assert (gen.eos_token_id, gen.pad_token_id) == ([specials.assistant_end, specials.bos], specials.assistant_end)
     # a different eps moves these logits by less than the float32 noise, so pin nanochat's value here
     assert hf_models[name].config.rms_norm_eps == np.finfo(np.float32).eps
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -139,8 +141,9 @@ def test_transformers_greedy_generate_matches_jaxrl_rollout(cases, hf_models, hf
                                 specials=specials)
     for r, prompt in enumerate(prompts):
         with torch.no_grad():
-            out = hf_models[name].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                           max_new_tokens=NEW_TOKENS, do_sample=False)
+            ids = torch.tensor([prompt])
+            out = hf_models[name].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                           do_sample=False)
         generated = out[0, len(prompt):].tolist()
         n = int(rollout.length[r])
         assert generated[:n] == rollout.tokens[r, :n].tolist(), (name, r)
@@ -204,8 +207,10 @@ def test_import_of_the_export_is_bit_exact(cases, name, tmp_path):
     assert config2 == config and info["generation"] == "gen-2025-10"
     a, b = hf.nanochat_state(params), hf.nanochat_state(params2)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    enc, enc2 = Tokenizer.from_directory(FIXTURES / "tokenizer").enc, Tokenizer.from_directory(tmp_path / "imp" / "tokenizer").enc
-    assert (enc2._mergeable_ranks, enc2._special_tokens, enc2._pat_str) == (enc._mergeable_ranks, enc._special_tokens, enc._pat_str)
+    enc = Tokenizer.from_directory(FIXTURES / "tokenizer").enc
+    enc2 = Tokenizer.from_directory(tmp_path / "imp" / "tokenizer").enc
+    assert enc2._mergeable_ranks == enc._mergeable_ranks and enc2._special_tokens == enc._special_tokens
+    assert enc2._pat_str == enc._pat_str
     assert info["source"]["step"] == (0 if name == "fixture" else 7)  # the step export_hf recorded
 
 
