@@ -1,4 +1,4 @@
-"""nanochat <-> jaxrl checkpoint conversion: the only part of the project that imports torch.
+"""nanochat <-> jaxrl checkpoint conversion: the only part of the project that imports torch or transformers.
 
 Stable API (used by external checks and the trainer):
     load_nanochat(path, step=None, generation=None, *, source="sft", model_tag=None, tokenizer_dir=None)
@@ -8,8 +8,10 @@ Stable API (used by external checks and the trainer):
     detect_generation({key: shape}, where) -> (generation, reason)
     export_params(config, params, out_dir, step, phase="rl", source_info=None) -> Path of model_<step>.pt
 
-CLIs: `python -m convert.import_nanochat --help`, `python -m convert.export_nanochat --help`.
-Formats and rules: docs/checkpoints.md. Test: `pytest tests/test_convert.py`.
+CLIs: `python -m convert.import_nanochat --help`, `python -m convert.export_nanochat --help`;
+Hugging Face transformers folders (gen-2025-10, the `hf` extra): `python -m convert.export_hf --help`,
+`python -m convert.import_hf --help`.
+Formats and rules: docs/checkpoints.md. Test: `pytest tests/test_convert.py tests/test_hf.py`.
 """
 from convert.detect import detect_generation
 from convert.export import export_params
