@@ -127,9 +127,38 @@ def test_nanochat_shapes_and_counts():
     assert bench_device.decode_bytes_per_step(config, 1, 2, 10, 3) == 2 * matmul + 16 * 20 * 2 * 1280 * 2
 
 
-def test_ceiling_table():
-    h100 = bench_device.table_ceilings("NVIDIA H100 80GB HBM3")
-    assert (h100["flops_per_s"], h100["bytes_per_s"]) == (989e12, 3.35e12)
-    assert bench_device.table_ceilings("TPU v5 lite")["flops_per_s"] == 197e12
-    assert bench_device.table_ceilings("TPU v5p")["flops_per_s"] == 459e12
+def test_ceiling_table_every_entry_reachable():
+    """First match wins, so a general pattern listed before a specific one ("h100" before "h100
+    pcie") would shadow it: every entry must be what its own pattern, and the device kind JAX
+    reports for it, resolve to. A CPU is never in the table (its ceilings are measured)."""
+    for pattern, name, flops, bw in bench_device.CEILINGS:
+        found = bench_device.table_ceilings(pattern.upper())
+        assert found is not None and name in found["source"], f"{pattern!r} resolves to {found}"
+        assert (found["flops_per_s"], found["bytes_per_s"]) == (flops, bw), pattern
+    reported = {"NVIDIA H100 80GB HBM3": "NVIDIA H100 SXM", "NVIDIA H100 PCIe": "NVIDIA H100 PCIe",
+                "NVIDIA H100 NVL": "NVIDIA H100 NVL", "NVIDIA A100-SXM4-40GB": "NVIDIA A100 40GB",
+                "NVIDIA A100-SXM4-80GB": "NVIDIA A100 SXM 80GB", "TPU v5 lite": "TPU v5e", "TPU v5p": "TPU v5p"}
+    for kind, name in reported.items():
+        assert f"{name} data sheet" in bench_device.table_ceilings(kind)["source"], kind
     assert bench_device.table_ceilings("cpu") is None
+
+
+def docs_ceilings() -> dict[str, tuple[float, float]]:
+    """docs/benchmarks.md's device-ceilings table as {name: (FLOP/s, bytes/s)}: a row "H100 SXM /
+    PCIe / NVL | a / b / c | x / y / z" names H100 SXM, H100 PCIe, H100 NVL; one value serves all."""
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    table = text[text.index("| device kind | bf16 FLOP/s | bytes/s |"):].split("\n\n")[0].splitlines()[2:]
+    out = {}
+    for line in table:
+        names, flops, bws = ([x.strip() for x in cell.split(" / ")] for cell in line.strip("| ").split(" | "))
+        family = names[0].split()[0]
+        names = [names[0]] + [f"{family} {n}" for n in names[1:]]
+        flops, bws = (v * len(names) if len(v) == 1 else v for v in (flops, bws))
+        out.update({n: (float(f), float(b)) for n, f, b in zip(names, flops, bws, strict=True)})
+    return out
+
+
+def test_ceiling_table_matches_the_docs():
+    """The table the code uses and the one docs/benchmarks.md shows hold the same devices and numbers."""
+    code = {name.removeprefix("NVIDIA "): (flops, bw) for _, name, flops, bw in bench_device.CEILINGS}
+    assert docs_ceilings() == code

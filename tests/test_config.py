@@ -3,7 +3,9 @@
 Run: python -m pytest -q tests/test_config.py
 """
 import importlib.util
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,20 +19,6 @@ from jaxrl.config import (
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "scripts" / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
-
-SEED_EXAMPLE = """\
-run = "gsm8k_rl_run1"
-source = "sft"
-num_epochs = 1
-examples_per_step = 16
-device_batch_size = 8
-num_samples = 16
-temperature = 1.0
-init_lr_frac = 0.05
-eval_every = 30
-save_every = 30
-"""
-
 
 def write(tmp_path, text: str, name: str = "c.toml") -> str:
     path = tmp_path / name
@@ -51,11 +39,31 @@ def test_defaults_are_nanochats():
     assert c.resolve_num_steps(7473) == 467  # SPEC §7.2
 
 
-def test_seed_example_file_is_the_seeds_and_parses(tmp_path):
-    assert (CONFIGS / "seed_example.toml").read_text() == SEED_EXAMPLE
-    c = load_config(["--config", write(tmp_path, SEED_EXAMPLE, "rl_config.txt")])
-    assert (c.run, c.eval_every, c.save_every, c.temperature) == ("gsm8k_rl_run1", 30, 30, 1.0)
-    assert c.max_new_tokens == 256  # unset keys keep nanochat's defaults
+def seed_config_block(text: str) -> dict:
+    """The `key = value` lines of the post's "Create rl_config.txt:" block, parsed as TOML (the
+    post's text runs the next heading into the block's last line: a line's value ends at its match)."""
+    lines = text[text.index("Create rl_config.txt:"):].splitlines()[1:]
+    block = []
+    for line in lines:
+        m = re.match(r'\s*(\w+) = ("[^"]*"|[-+0-9.eE]+)', line)
+        if not m:
+            break
+        block.append(f"{m[1]} = {m[2]}")
+        if m.end() < len(line.rstrip()):  # the heading glued to the last value
+            break
+    return tomllib.loads("\n".join(block))
+
+
+def test_seed_example_file_is_the_seeds_and_parses(shared_dir):
+    """scripts/configs/seed_example.toml holds exactly the keys and values of the rl_config.txt of
+    the seed's post (read from the post, not pasted here), and loads to those values."""
+    seed = seed_config_block((shared_dir / "SEED-rlhf-post.txt").read_text(encoding="utf-8"))
+    assert len(seed) >= 10 and seed["run"] == "gsm8k_rl_run1", f"the post's config block parsed as {seed}"
+    path = CONFIGS / "seed_example.toml"
+    assert tomllib.loads(path.read_text()) == seed
+    c = load_config(["--config", str(path)])
+    assert {k: getattr(c, k) for k in seed} == seed
+    assert c.max_new_tokens == RLConfig().max_new_tokens == 256  # keys the post leaves out keep nanochat's defaults
 
 
 def test_shipped_configs_exist():

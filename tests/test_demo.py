@@ -7,6 +7,7 @@ TensorBoard events, report.png, the orbax checkpoint, the tokenizer, and the nan
 Run: `python -m pytest tests/test_demo.py -q` (about two minutes on 2 CPU cores)
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,13 @@ def test_run_dir_artifacts(demo_run):
     from jaxrl.tokenizer import Tokenizer
 
     _, run_dir, proc = demo_run
-    assert "warm start" in proc.stderr + proc.stdout and "rl" in proc.stderr  # the progress bars
+    # both progress bars ran to completion (3 warm-start steps, 2 RL steps) on stderr, and stdout
+    # has nanochat's step and pass@k lines for each RL step
+    assert re.search(r"warm start: 100%\|[^\r\n]*\| 3/3 ", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"rl: 100%\|[^\r\n]*\| 2/2 ", proc.stderr), proc.stderr[-2000:]
+    for step in (0, 1):
+        assert re.search(rf"^Step {step}/2 \| Average reward: [01]\.\d{{4}} \|", proc.stdout, re.M), proc.stdout[-2000:]
+        assert re.search(rf"^Step {step} \| Pass@1: [01]\.\d{{4}}, .*Pass@8: ", proc.stdout, re.M), proc.stdout[-2000:]
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@ engine_passk.json: per-question correct counts of 8 samples at T=1, top_k 50, 25
 Run: `python -m pytest tests/test_eval.py -q` (the 500-question check: `-m slow`, a few minutes)
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,20 +32,28 @@ def _eval_rl(tmp_path, *args):
     return json.loads(out.read_text()), proc.stdout
 
 
-def test_json_keys_on_a_handful_of_questions(tmp_path):
-    result, stdout = _eval_rl(tmp_path, "--max-examples", "6", "--num-samples", "4", "--max-new-tokens", "48")
-    assert result["num_examples"] == 6 and result["num_samples"] == 4
-    for k in range(1, 5):
-        assert 0 <= result[f"pass@{k}"] <= 1
-        u = result["unbiased"][f"pass@{k}"]
-        assert 0 <= u["lo"] <= u["mean"] <= u["hi"] <= 1
-        assert f"Pass@{k}: {result[f'pass@{k}']:.4f}" in stdout
-    assert result["pass@1"] <= result["pass@4"]
+def test_json_agrees_with_its_per_question_counts(tmp_path):
+    """The summary figures are the estimators applied to the per-question results the JSON lists:
+    pass@1 is the share of questions whose FIRST sample is right, pass@n the share with any right,
+    and the unbiased pass@k (with its interval) is recomputed here from the counts with math.comb.
+    The stdout lines print the same figures."""
+    n = 4
+    result, stdout = _eval_rl(tmp_path, "--max-examples", "6", "--num-samples", str(n), "--max-new-tokens", "48")
+    assert result["num_examples"] == 6 and result["num_samples"] == n
     per_q = result["per_question"]
     assert [q["index"] for q in per_q] == list(range(6))
-    assert all(0 <= q["correct"] <= 4 and isinstance(q["first_correct"], bool) for q in per_q)
-    assert result["mean_sample_accuracy"] == pytest.approx(np.mean([q["correct"] for q in per_q]) / 4)
-    assert result["unbiased"]["pass@1"]["mean"] == pytest.approx(result["mean_sample_accuracy"])
+    counts = np.array([q["correct"] for q in per_q])
+    first = np.array([q["first_correct"] for q in per_q])
+    assert all(type(q["correct"]) is int for q in per_q)
+    assert 0 < counts.sum() < n * len(counts), f"counts {counts.tolist()}: the checks below need mixed outcomes"
+    assert result["pass@1"] == pytest.approx(first.mean()) and result["pass@4"] == pytest.approx((counts > 0).mean())
+    assert result["mean_sample_accuracy"] == pytest.approx(counts.sum() / (n * len(counts)))
+    for k in range(1, n + 1):
+        per = [1 - math.comb(n - c, k) / math.comb(n, k) for c in counts]
+        half = 1.96 * np.std(per, ddof=1) / np.sqrt(len(per))
+        want = {"mean": np.mean(per), "lo": max(0.0, np.mean(per) - half), "hi": min(1.0, np.mean(per) + half)}
+        assert result["unbiased"][f"pass@{k}"] == pytest.approx(want, abs=1e-12), k
+        assert f"Pass@{k}: {result[f'pass@{k}']:.4f} | unbiased {want['mean']:.4f}" in stdout
 
 
 @pytest.mark.slow
