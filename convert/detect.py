@@ -1,4 +1,4 @@
-"""Which nanochat generation wrote a state dict, judged from its key names and shapes (SPEC §3.6).
+"""Which nanochat generation wrote a state dict, from its key names and shapes (docs/nanochat.md#generation-detection).
 
 Keys identify the *family*; softcap (15 vs 20) and the rope base are not stored, so every
 reason string says what the detection assumes. See docs/checkpoints.md for the rules.

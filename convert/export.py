@@ -2,7 +2,7 @@
 
 `export_params` is what the trainer calls at each save: it writes `model_<step:06d>.pt` (the
 source generation's key names and order, each tensor in its recorded source dtype, default the
-dtype nanochat saves on GPU) and `meta_<step:06d>.json` (SPEC §3.2). float32 -> bf16 rounds to
+dtype nanochat saves on GPU) and `meta_<step:06d>.json` (docs/nanochat.md#meta-json). float32 -> bf16 rounds to
 nearest even, so bf16 -> float32 -> bf16 is the identity: an unchanged model round-trips bit for bit.
 
 Test: `pytest tests/test_convert.py -k "round_trip or export"`.

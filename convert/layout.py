@@ -1,4 +1,4 @@
-"""nanochat's checkpoint directory conventions (SPEC §3.1, §3.3), without torch.
+"""nanochat's checkpoint directory conventions, without torch (docs/nanochat.md#checkpoint-layout).
 
 Owns: which files a source path means (base dir, checkpoint dir, or model_<step>.pt), the
 model_tag and step choice exactly as nanochat's checkpoint_manager makes it, the meta JSON,

@@ -1,6 +1,6 @@
 """Load a nanochat checkpoint (or a jaxrl import dir) as (GPTConfig, float32 params), as nanochat would.
 
-Mirrors nanochat's `checkpoint_manager.load_model` (SPEC §3.4): pick tag and step, strip
+Mirrors nanochat's `checkpoint_manager.load_model` (docs/nanochat.md#loading): pick tag and step, strip
 `_orig_mod.`, patch a missing `window_pattern` ("L") and missing resid/x0 lambdas (ones/zeros),
 check every key and shape strictly, and check the tokenizer's vocab size. The generation is
 detected from the keys and the reason is recorded (never silently).

@@ -1,7 +1,7 @@
 """Calculator tool: nanochat's `use_calculator` (nanochat/engine.py), re-implemented without `eval`.
 
 Owns the string-in, string-out seam between sampled text and forced tool output
-(SPEC-nanochat.md §6.4). `use_calculator(expr)` returns exactly what nanochat's Engine forces,
+(docs/nanochat.md#calculator). `use_calculator(expr)` returns exactly what nanochat's Engine forces,
 `str(result)`, or None when nanochat's calculator gives None:
 
 1. Commas are removed.

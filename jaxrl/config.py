@@ -63,7 +63,7 @@ def _nc(default, help: str, choices: tuple = ()):
 class RLConfig:
     """chat_rl hyperparameters (nanochat's names and defaults) followed by jaxrl's options."""
 
-    # ---- nanochat scripts/chat_rl.py (SPEC §7.1) ----
+    # ---- nanochat scripts/chat_rl.py (docs/nanochat.md#hyperparameters) ----
     run: str = _nc("dummy", 'Run name for logging; "dummy" disables wandb (as nanochat).')
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
                       'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py).', SOURCES)
@@ -80,7 +80,7 @@ class RLConfig:
     embedding_lr: float = _nc(0.2, "Base learning rate of wte and value embeddings (AdamW).")
     matrix_lr: float = _nc(0.02, "Base learning rate of the transformer matrices (Muon).")
     weight_decay: float = _nc(0.0, "Weight decay passed to the optimizer setup (meaning per "
-                              "generation, SPEC §8).")
+                              "generation, docs/nanochat.md#optimizer-groups).")
     init_lr_frac: float = _nc(0.05, "Every group's lr is multiplied by this once at the start; "
                               "then decays linearly as 1 - step/num_steps.")
     num_epochs: int = _nc(1, "Passes over the training set (used to derive num_steps).")
@@ -94,7 +94,7 @@ class RLConfig:
     model_tag: str | None = _f(None, 'nanochat model tag ("d20"); None = largest d<N>, as nanochat.')
     model_step: int | None = _f(None, "nanochat checkpoint step; None picks the last one.")
     generation: str | None = _f(None, "nanochat generation that wrote the checkpoint (the state "
-                                "dict does not record it, SPEC §0.1).", choices=GENERATIONS)
+                                "dict does not record it, docs/nanochat.md#generations).", choices=GENERATIONS)
     tokenizer_dir: str | None = _f(None, "Folder holding tokenizer.pkl; None = next to the "
                                    "checkpoint, where nanochat keeps it (<base>/tokenizer).")
     task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", "demo", or a directory holding '
@@ -114,10 +114,10 @@ class RLConfig:
     advantage: str = _f("mean", '"mean": reward - mean over the question\'s samples (nanochat); '
                         '"zscore": additionally divided by their std (GRPO-style).', choices=ADVANTAGES)
     token_norm: str = _f("pass", '"pass": divide by the valid tokens of each device_batch_size '
-                         'pass (nanochat, SPEC §9 quirk 5); "global": one division by all valid '
+                         'pass (nanochat, docs/nanochat.md#loss-normalisation); "global": one division by all valid '
                          "tokens of the step.", choices=TOKEN_NORMS)
     train_on_end_token: bool = _f(False, "Also train on the final <|assistant_end|> token "
-                                  "(nanochat never does, SPEC §9 quirk 3).")
+                                  "(nanochat never does, docs/nanochat.md#end-token-never-a-target).")
     train_chunk_rows: int = _f(0, "Packed rows (bins as long as the step's longest row, each holding one "
                                "or more rows) per forward/backward on each device; 0 = device_batch_size "
                                "(at most nanochat's memory use). Larger is faster on accelerators, smaller "

@@ -73,7 +73,7 @@ class GPTConfig:
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             raise ValueError(f"window_pattern must be a non-empty string over S/L, found {self.window_pattern!r}")
 
-    # -- derived quantities (SPEC §1.1) --
+    # -- derived quantities (docs/nanochat.md#derived-quantities) --
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
@@ -365,7 +365,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
 def logits_from_hidden(config: GPTConfig, params: Params, x):
     """(…, D) -> float32 (…, V): lm_head, crop the padded vocab, softcap 15 (bf16 in gen-2025-10 bf16 mode)."""
     logits = linear(x, params["lm_head"]["weight"])[..., : config.vocab_size]
-    if config.generation == "gen-2025-10":  # softcap in the compute dtype, then fp32 (SPEC §1.9)
+    if config.generation == "gen-2025-10":  # softcap in the compute dtype: docs/nanochat.md#forward-of-gen-2025-10
         return (SOFTCAP * jnp.tanh(logits / SOFTCAP)).astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)

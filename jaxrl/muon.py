@@ -1,6 +1,6 @@
 """Muon for the three nanochat generations, as an optax GradientTransformation over torch-layout matrices.
 
-Owns the per-matrix math of SPEC §8.3–8.5: Nesterov momentum without bias correction, the
+Owns the per-matrix math of docs/nanochat.md#optimizers (Muon): Nesterov momentum without bias correction, the
 orthogonalisation (gen-2025-10 Newton–Schulz; gen-2026-01 Polar Express; gen-2026-07 MuonEq +
 Polar Express + Muon+), NorMuon-style variance reduction and cautious weight decay. `jaxrl/optim.py`
 builds the per-group instances; this module knows nothing about parameter names.

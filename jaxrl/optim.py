@@ -4,7 +4,7 @@ Owns the param-path → group labels (with a coverage check), the AdamW transfor
 `build_optimizer`, an `optax.multi_transform` (alias of `optax.partition`) over the labels. The
 Muon math lives in `jaxrl/muon.py`. Test: `python -m pytest -q tests/test_optim.py`.
 
-Groups (SPEC §8.1), labelled from parameter paths only:
+Groups (docs/nanochat.md#optimizer-groups), labelled from parameter paths only:
   gen-2025-10  unembedding (lm_head), embedding (wte): AdamW; matrix (every transformer.h weight): Muon.
   gen-2026-01  + value_embeds, resid (resid_lambdas), x0 (x0_lambdas): AdamW; Muon groups per
                shape, `matrix_<rows>x<cols>` (incl. the ve_gate matrices).
@@ -25,7 +25,7 @@ are fp32 last bits (gen-2026-07's compiled kernel fuses some multiply-adds; weig
 into the update). Gradients may be fp32; an AdamW leaf reads them in its parameter dtype, as torch
 keeps a bf16 parameter's grad in bf16.
 
-Differences from optax.contrib.muon (SPEC §8.6): only transformer.h matrices use Muon (wte,
+Differences from optax's muon (docs/nanochat.md#optax-muon-differences): only transformer.h matrices use Muon (wte,
 lm_head, value_embeds get per-group AdamW, not one shared NAdam-style fallback); momentum is an EMA
 without bias correction, Nesterov `lerp(g, buf, 0.95)`; per-generation orthogonalisation
 (coefficients, 1.02/1.01 safety factor, MuonEq, Muon+, bf16 iteration); NorMuon variance
@@ -119,7 +119,7 @@ def _config_labels(config: GPTConfig) -> list[str]:
 
 def group_specs(config: GPTConfig, *, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
                 weight_decay=0.0) -> dict[str, Group]:
-    """Every group of `config` with nanochat's setup hyperparameters (SPEC §8.1)."""
+    """Every group of `config` with nanochat's setup hyperparameters (docs/nanochat.md#optimizer-groups)."""
     dscale = (config.n_embd / 768) ** -0.5
     gen = config.generation
     if gen == "gen-2025-10":
@@ -131,7 +131,7 @@ def group_specs(config: GPTConfig, *, unembedding_lr=0.004, embedding_lr=0.2, ma
                 "value_embeds": Group("adamw", embedding_lr * dscale),
                 "resid": Group("adamw", SCALAR_LR * 0.01),
                 "x0": Group("adamw", SCALAR_LR, betas=(0.96, 0.95))}
-    else:  # gen-2026-07: per-group betas and hard-coded weight decay (SPEC §9 quirk 10)
+    else:  # gen-2026-07: per-group betas and hard-coded weight decay (docs/nanochat.md#optimizer-groups)
         adam = {"unembedding": Group("adamw", unembedding_lr * dscale, (0.8, 0.96), 0.01),
                 "embedding": Group("adamw", embedding_lr * dscale, (0.8, 0.995), 0.001),
                 "value_embeds": Group("adamw", embedding_lr * dscale * 0.5, (0.8, 0.995), 0.01),

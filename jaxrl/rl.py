@@ -8,7 +8,7 @@ Like nanochat's chat_rl.py, "GRPO" here is much simpler and closer to plain REIN
 4. advantage = reward − mean reward over the samples of one question (no division by the std).
 Options, each off by default: z-score advantages (`advantage = "zscore"`), one token
 normalisation over the whole step (`token_norm = "global"`), and training on the terminal
-`<|assistant_end|>` (`train_on_end_token`; nanochat never makes it a target, SPEC §9.3).
+`<|assistant_end|>` (`train_on_end_token`; never a target in nanochat: docs/nanochat.md#end-token-never-a-target).
 
 The train step is one jitted function: rows are split over the "data" mesh axis with shard_map,
 each device packs its rows end to end into bins (`pack`: no compute on padding, none on rows

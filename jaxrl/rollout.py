@@ -46,7 +46,7 @@ def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, t
     `chunk` limits how many questions go into one sampler call (evaluation over hundreds of
     questions); training passes all questions of a step at once. `same_keys_per_question` gives
     every question the same sampling keys, as nanochat's pass@k seeds its generator with 42 for
-    every question (SPEC §9.6); training keys always differ per question.
+    every question (docs/nanochat.md#evaluation); training keys always differ per question.
     """
     t0 = time.perf_counter()
     specials = sampler.SpecialIds.from_tokenizer(tokenizer)

@@ -2,7 +2,7 @@
 
 Owns: loading `tokenizer.pkl` safely, ordinary encode/decode, the nine special tokens and their
 ids, and chat rendering (`render_conversation`, `render_for_completion`) exactly as nanochat
-(SPEC-nanochat.md §4). Imports neither jax nor torch.
+(docs/nanochat.md#tokenizer-and-rendering). Imports neither jax nor torch.
 
 `tokenizer.pkl` is a pickle of a `tiktoken.core.Encoding`. Unpickling arbitrary files can run
 arbitrary code, so a restricted unpickler admits only that class, maps it to a stub that just
@@ -27,7 +27,7 @@ SPECIAL_TOKENS = (  # nanochat's order; ids are N..N+8 after the N mergeable ran
     "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
     "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
 )
-# nanochat's split pattern (GPT-4's, with numbers in groups of 1-2 digits), SPEC-nanochat.md §4.1
+# nanochat's split pattern (GPT-4's, with numbers in groups of 1-2 digits), docs/nanochat.md#tokenizer-and-rendering
 SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"
                  r"\s*[\r\n]|\s+(?!\S)|\s+")
 _STATE_KEYS = {"name", "pat_str", "mergeable_ranks", "special_tokens"}

@@ -1,9 +1,10 @@
-"""Benchmarks of jaxrl: sampler, train step, whole RL step, checkpoint conversion.
+"""Benchmarks of jaxrl: sampler, train step, whole RL step, checkpoint conversion, decode matmul floor.
 
     python scripts/bench.py sampler  [--model d20 | --checkpoint PATH] [--prompts N --num-samples S] ...
     python scripts/bench.py train    [--rows 256 --seq-len 384 --device-batch-size 8]
     python scripts/bench.py rl-step  [--questions 16 --num-samples 16 --max-new-tokens 256]
     python scripts/bench.py convert  [--model d20 | --checkpoint PATH]
+    python scripts/bench.py floor    [--rows 1,8,64,256 --steps 256]   # decode's weight matmuls alone
 
 `--model d<N>` builds nanochat's d<N> shapes of `--generation` with random params (no file needed);
 `--checkpoint` takes a jaxrl import, a jaxrl run dir or a nanochat checkpoint (then the task is
@@ -12,8 +13,8 @@ Defaults depend on the platform: accelerators get the GPU goals' sizes (d20, bf1
 the CPU gets sizes that finish in minutes on 2 cores (d4, float32); every flag overrides.
 Each run prints a table and, as its last stdout line, one JSON object (device, jax version,
 shapes, dtype, every figure, the ceilings used); `--out FILE` appends that line to a JSONL.
-What each figure means: the docstrings of bench_sampler.py, bench_train.py, bench_convert.py and
-docs/benchmarks.md. `--profile DIR` (sampler, train, rl-step) adds where one call's time goes
+What each figure means: the docstrings of bench_sampler.py, bench_train.py, bench_convert.py,
+bench_floor.py and docs/benchmarks.md. `--profile DIR` (sampler, train, rl-step) adds where one call's time goes
 (bench_profile.py). Test: `pytest tests/test_bench.py`.
 """
 import argparse
@@ -34,6 +35,7 @@ BENCH_DEFAULTS = {
     "train": {"rows": (256, 8), "seq_len": (384, 64)},
     "rl-step": {"questions": (16, 2), "num_samples": (16, 4), "max_new_tokens": (256, 32)},
     "convert": {},
+    "floor": {"rows": ([1, 8, 64, 256], [1, 8, 64]), "steps": (256, 64)},
 }
 
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--chunk-rows", type=int, default=0, help="rows per forward/backward (train_chunk_rows; "
                        "0 = device batch size)")
     sub.add_parser("convert", parents=[common], help="nanochat -> jaxrl import and export: time, peak RSS")
+    f = sub.add_parser("floor", parents=[common], help="a decode step's weight matmuls alone: ms per step")
+    f.add_argument("--rows", type=lambda v: [int(x) for x in v.split(",")], help="decode rows, a sweep "
+                   "(default 1,8,64,256; CPU 1,8,64)")
+    f.add_argument("--steps", type=int, help="steps per timed loop (default 256; CPU 64)")
     return p
 
 
@@ -138,6 +144,7 @@ def main(argv=None) -> int:
         figures, headers, table = bench_convert.run(args)
         config, ceil = None, None
     else:
+        import bench_floor
         import bench_sampler
         import bench_setup
         import bench_train
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
         ctx = bench_setup.load_context(args)
         config = ctx.config
         ceil = bench_device.ceilings(device.device_kind, args.dtype, args.measure_ceilings)
-        run = {"sampler": bench_sampler.run, "train": bench_train.run_train, "rl-step": bench_train.run_rl_step}
+        run = {"sampler": bench_sampler.run, "train": bench_train.run_train, "rl-step": bench_train.run_rl_step,
+               "floor": bench_floor.run}
         figures, headers, table = run[args.bench](ctx, args, ceil)
     rec = record(args, device, figures, config, ceil)
     print(f"\n{args.bench}: {rec['model']} ({rec['shapes']['generation']}, {rec['dtype']}) on "

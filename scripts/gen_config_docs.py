@@ -40,7 +40,7 @@ python scripts/train_rl.py --config scripts/configs/arith_tiny.toml --num-steps 
 
 SECTIONS = (
     ("nanochat", "nanochat's chat_rl.py hyperparameters",
-     "Same names and defaults as nanochat's `scripts/chat_rl.py` (SPEC §7.1)."),
+     "Same names and defaults as nanochat's `scripts/chat_rl.py` (docs/nanochat.md, Hyperparameters)."),
     ("jaxrl", "jaxrl options",
      "Ours. Where an option changes training behaviour, its default is nanochat's behaviour."),
 )

@@ -18,6 +18,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_device  # noqa: E402
+import bench_floor  # noqa: E402
 
 COMMON_KEYS = ("device", "jax_version", "model", "dtype", "rows", "shapes", "ceilings", "date")
 TINY = {
@@ -26,6 +27,7 @@ TINY = {
     "rl-step": ["--questions", "1", "--num-samples", "2", "--max-new-tokens", "4", "--prompt-len", "8",
                 "--device-batch-size", "2"],
     "convert": [],
+    "floor": ["--rows", "2,3", "--steps", "2"],
 }
 KEYS = {
     "sampler": ("gen_tokens_per_s", "prefill_tokens_per_s", "compile_s", "mbu", "ttft_s", "tool_host_s",
@@ -33,6 +35,7 @@ KEYS = {
     "train": ("tokens_per_s", "mfu", "tokens_per_s_one_pass", "mfu_one_pass", "optimizer_s", "train_step_s"),
     "rl-step": ("step_s", "rollout_s", "reward_s", "train_s", "logging_s"),
     "convert": ("import_s", "peak_rss_mb", "export_s", "load_s"),
+    "floor": ("floor_step_s", "floor_step_s_best", "matmul_flops_per_step", "weight_bytes_per_step", "mfu", "mbu"),
 }
 PROFILED = {"sampler": ["sampler_1x2"], "train": ["train_fwdbwd", "train_optimizer"], "rl-step": ["rl_step"]}
 
@@ -162,3 +165,33 @@ def test_ceiling_table_matches_the_docs():
     """The table the code uses and the one docs/benchmarks.md shows hold the same devices and numbers."""
     code = {name.removeprefix("NVIDIA "): (flops, bw) for _, name, flops, bw in bench_device.CEILINGS}
     assert docs_ceilings() == code
+
+
+def test_floor_runs_every_weight_matmul_of_a_decode_step():
+    """The floor step's carried output depends on every block matrix and lm_head (a gradient
+    through two steps reaches each one), so XLA cannot drop a dot from the loop; the counts are
+    6 dots per layer + lm_head. And the jitted loop runs."""
+    import jax
+    import numpy as np
+
+    from jaxrl import model
+
+    config = model.GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                             window_pattern="SL", generation="gen-2026-07")
+    params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(3))
+    params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(4), p.shape, p.dtype), params)
+    weights = bench_floor.floor_weights(config, params)
+    x = jax.random.normal(jax.random.key(5), (3, config.n_embd))
+    grads = jax.grad(lambda w: bench_floor.floor_step(w, *bench_floor.floor_step(w, x, 0.0))[1])(weights)
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    assert len(flat) == 6 * config.n_layer + 1
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
+    assert not dead, f"the floor's result does not depend on {dead}"
+    counts = bench_floor.floor_counts(weights, rows=3)
+    D, Dkv, V = config.n_embd, config.n_kv_head * config.head_dim, config.padded_vocab
+    per_layer = 2 * D * D + 2 * Dkv * D + 2 * 4 * D * D
+    assert counts["dots_per_step"] == 6 * config.n_layer + 1
+    assert counts["matmul_flops_per_step"] == 2 * 3 * (config.n_layer * per_layer + V * D)
+    assert counts["weight_bytes_per_step"] == 4 * (config.n_layer * per_layer + V * D)
+    out, acc = bench_floor.floor_loop(weights, x, 2)
+    assert out.shape == x.shape and np.isfinite(float(acc))

@@ -36,7 +36,7 @@ def test_defaults_are_nanochats():
     assert (c.unembedding_lr, c.embedding_lr, c.matrix_lr, c.weight_decay, c.init_lr_frac) == (
         0.004, 0.2, 0.02, 0.0, 0.05)
     assert (c.num_epochs, c.save_every, c.eval_every, c.eval_examples) == (1, 60, 60, 400)
-    assert c.resolve_num_steps(7473) == 467  # SPEC §7.2
+    assert c.resolve_num_steps(7473) == 467  # docs/nanochat.md#steps-and-schedule
 
 
 def seed_config_block(text: str) -> dict:

@@ -230,7 +230,7 @@ def test_explicit_generation_is_checked_against_the_keys(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# nanochat's model_tag and step choice (SPEC §3.3)
+# nanochat's model_tag and step choice (docs/nanochat.md#model-tag-and-step)
 
 
 def test_model_tag_is_the_largest_d_number(tmp_path):

@@ -53,7 +53,7 @@ def test_shuffled_order_golden(tasks, case):
 def test_shared_gsm8k_sizes_and_first_shuffled_rows(tasks):
     train, test = tasks["train"], tasks["test"]
     assert (len(train), train.num_examples(), len(test), test.num_examples()) == (7473, 7473, 1319, 1319)
-    # SPEC-nanochat.md §5.1: the first shuffled indices, computed from these jsonl files.
+    # docs/nanochat.md#gsm8k-task-and-reward: the first shuffled indices, computed from these jsonl files.
     assert train.order[:16].tolist() == [3082, 2184, 5897, 2437, 6330, 819, 3812, 5878,
                                          5302, 5876, 5308, 1534, 2663, 4247, 4632, 1727]
     assert test.order[:8].tolist() == [30, 754, 429, 1010, 1284, 953, 751, 954]

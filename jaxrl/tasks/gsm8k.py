@@ -3,7 +3,7 @@
 Owns: loading rows (Hugging Face hub `openai/gsm8k`, or any local folder holding
 `train.jsonl`/`test.jsonl` in GSM8K's format, e.g. shared/data/gsm8k or shared/data/arith),
 nanochat's seed-42 shuffle, row -> conversation (calculator spans become python /
-python_output parts), answer extraction, evaluate and reward (SPEC-nanochat.md §5).
+python_output parts), answer extraction, evaluate and reward (docs/nanochat.md#gsm8k-task-and-reward).
 No jax; `datasets` is imported only when rows are loaded.
 
 Test: `python -m pytest tests/test_gsm8k.py -q` (golden cases from ../shared/fixtures).
