@@ -275,12 +275,19 @@ def _parse_cli_value(key: str, text: str):
 
 
 def _read_toml(path: str) -> dict:
+    """The file's keys; a UTF-8 byte-order mark (as some Windows editors write) is skipped."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a .toml file, e.g. "
+                          "--config scripts/configs/arith_tiny.toml")
     if not p.is_file():
         raise ConfigError(f"config file '{path}' not found (relative paths are resolved against "
                           f"the current directory, {os.getcwd()})")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}. Each line must be "
                           '`key = value` with strings quoted (run = "x"), true/false in lower case, '
@@ -313,6 +320,18 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
         else:
             config_file = value
     return config_file, overrides
+
+
+def check_writable_dir(path: str | os.PathLike, key: str) -> None:
+    """Raise ConfigError unless `path` is, or can be created as, a folder this process may write into."""
+    p = Path(path).absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} '{path}' cannot be created: {existing} is a file, not a directory; "
+                          f"choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} '{path}' is not writable ({existing} is read-only for this user or "
+                          f"filesystem); choose a writable {key} or fix its permissions")
 
 
 def load_config(argv: list[str]) -> RLConfig:

@@ -37,6 +37,11 @@ def open_task(name: str, data_dir, split: str, *, difficulty: int = 2):
     """A task by config name: "arith"/"demo" without data_dir is the built-in generator
     (`ArithTask(split, difficulty)`); with data_dir, or "gsm8k", or a directory: `load_task`."""
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            state = "is a file, not a directory" if Path(data_dir).exists() else "does not exist"
+            raise FileNotFoundError(f"data_dir {str(data_dir)!r} {state}: pass a folder holding train.jsonl and "
+                                    f"test.jsonl in GSM8K's format, or leave data_dir unset for task {name!r}'s "
+                                    "default source")
         return load_task(data_dir, split)
     if name in ("arith", "demo"):
         from jaxrl.tasks.arith import ArithTask
