@@ -64,9 +64,11 @@ class RLConfig:
     """chat_rl hyperparameters (nanochat's names and defaults) followed by jaxrl's options."""
 
     # ---- nanochat scripts/chat_rl.py (SPEC §7.1) ----
-    run: str = _nc("dummy", 'Run name for logging; "dummy" disables wandb (as nanochat).')
+    run: str = _nc("dummy", 'Run name for logging and the run folder <out_dir>/<run> (a folder name, no "/"); '
+                   '"dummy" disables wandb (as nanochat).')
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
-                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py).', SOURCES)
+                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py), and '
+                      "checkpoint, generation, model_tag, model_step, tokenizer_dir must stay unset.", SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
     device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).")
@@ -101,7 +103,7 @@ class RLConfig:
                    "train.jsonl and test.jsonl in GSM8K's format.")
     data_dir: str | None = _f(None, "Local train.jsonl/test.jsonl for the named task; None = the hub.")
     out_dir: str = _f("runs", "Where checkpoints, logs and config.toml are written (<out_dir>/<run>).")
-    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass).")
+    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass); below 2**32.")
     num_steps: int | None = _f(None, "Optimizer steps; None = nanochat's "
                                "(len(train) // examples_per_step) * num_epochs.")
     stop_after_steps: int | None = _f(None, "Stop after this many steps (then save and evaluate) while "
