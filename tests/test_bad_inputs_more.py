@@ -217,6 +217,8 @@ def test_data_dir_missing_or_a_file(tmp_path):
         open_task("arith", tmp_path / "nope", "train")
     with raises(FileNotFoundError, f"data_dir '{tmp_path / 'f'}' is a file, not a directory"):
         open_task("gsm8k", tmp_path / "f", "test")
+    with raises(FileNotFoundError, f"task directory '{tmp_path / 'nope'}' does not exist", "'gsm8k', 'arith'"):
+        open_task(str(tmp_path / "nope"), None, "train")
 
 
 def test_prompt_longer_than_context(tmp_path):
@@ -269,7 +271,8 @@ def test_cli_eval_bad_arguments(tmp_path):
               ["--max-new-tokens must be >= 1, found 0", "--temperature must be a finite number >= 0 (0 is greedy), "
                "found -1.0", f"--seed must be in [0, 2**32), found {2**32}", "--top-k must be >= 0"]),
              (["--generation", "gen-9"], ["argument --generation: invalid choice: 'gen-9'"]),
-             (["--json", tmp_path / "f" / "out.json"], [f"--json's folder '{tmp_path / 'f'}' cannot be created"])]
+             (["--json", tmp_path / "f" / "out.json"], [f"--json's folder '{tmp_path / 'f'}' cannot be created"]),
+             (["--json", tmp_path], [f"--json {tmp_path} is a directory; pass a file path such as"])]
     for args, messages in cases:
         proc = base.run_script("eval_rl.py", "--checkpoint", ARITH, *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

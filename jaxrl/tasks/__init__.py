@@ -29,6 +29,9 @@ def load_task(name_or_dir: str | Path, split: str) -> GSM8K:
         return GSM8K(split)
     if Path(name_or_dir).is_dir():
         return GSM8K(split, data_dir=name_or_dir)
+    if any(sep in str(name_or_dir) for sep in ("/", "\\")):  # meant as a folder
+        raise FileNotFoundError(f"task directory {str(name_or_dir)!r} does not exist: pass an existing folder "
+                                f"holding {split}.jsonl in GSM8K format, or 'gsm8k', 'arith' or 'demo'")
     raise ValueError(f"unknown task {str(name_or_dir)!r}: pass 'gsm8k' (Hugging Face hub openai/gsm8k) "
                      f"or a directory holding {split}.jsonl in GSM8K format")
 
