@@ -11,7 +11,8 @@ the task's order (nanochat's seed-42 shuffle for jsonl), each sampled with the s
 --independent-keys, as nanochat seeds 42 per question. Prints nanochat's `Pass@k` lines: the
 fraction of questions solved by one of the FIRST k samples (nanochat's estimator), then the
 unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes the
-per-question correct counts.
+per-question correct counts. Bad values and an unwritable --json are refused before anything runs
+(docs/errors.md lists every check).
 """
 import argparse
 import json
@@ -34,10 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--difficulty", type=int, default=2, help="built-in arith task: most calculator steps (1-3)")
     p.add_argument("--num-samples", type=int, default=8, help="samples per question; pass@1..pass@this")
     p.add_argument("--max-examples", type=int, default=None, help="first N questions (default: all)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 is greedy")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (train_rl's eval_seed)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (train_rl's eval_seed), below 2**32")
     p.add_argument("--independent-keys", action="store_true",
                    help="independent sampling keys per question (default: the same keys for every question, as "
                         "nanochat's seed 42; its first-sample pass@1 then swings with the seed: see docs/demo.md)")
