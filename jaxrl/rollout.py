@@ -90,10 +90,12 @@ def check_prompt_lengths(config, tokenizer, task, num_questions: int, max_new_to
     too_long = np.flatnonzero(lengths + max_new_tokens > context)
     if too_long.size:
         i = int(too_long[np.argmax(lengths[too_long])])
+        room = context - int(lengths[i])  # what the longest prompt leaves for the completion
+        fix = f"Lower max_new_tokens to {room} or remove" if room >= 1 else "That prompt alone fills the context: remove"
         raise ValueError(f"{too_long.size} of {num_questions} {what} questions do not fit the model's context of "
                          f"{context} positions with max_new_tokens {max_new_tokens}: the longest, question {i}, has "
-                         f"a {lengths[i]}-token prompt. Lower max_new_tokens to {context - lengths[i]} or remove "
-                         f"those rows (questions {too_long[:5].tolist()}{' ...' if too_long.size > 5 else ''})")
+                         f"a {lengths[i]}-token prompt. {fix} those rows (questions {too_long[:5].tolist()}"
+                         f"{' ...' if too_long.size > 5 else ''})")
 
 
 def make_batch(result: RoundResult, num_samples: int, pad_id: int, *, advantage: str = "mean",

@@ -235,6 +235,10 @@ def test_prompt_longer_than_context(tmp_path):
     rollout.check_prompt_lengths(config, tok, task, 4, 80 - max(lengths), "test")  # fits exactly
     with raises(ValueError, "max_new_tokens 80 leaves no room for a prompt in the model's context of 80 positions"):
         rollout.check_prompt_lengths(config, tok, task, 4, 80, "test")
+    tiny = GPTConfig(sequence_len=2)  # a context of 20 positions: shorter than the longest prompt
+    n = sum(length + 1 > 20 for length in lengths)
+    with raises(ValueError, f"{n} of 4 test questions do not fit", "That prompt alone fills the context: remove"):
+        rollout.check_prompt_lengths(tiny, tok, task, 4, 1, "test")
 
 
 def test_env_attention_unknown_or_cudnn_on_cpu(monkeypatch):

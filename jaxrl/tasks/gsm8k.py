@@ -171,7 +171,8 @@ def _scan_jsonl(path: Path):
     """[(line_number, object)] for non-blank JSON lines, and [(line_number, reason)] for the rest."""
     records, unparsable = [], []
     try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a leading byte-order mark is not a row  # not splitlines(): U+2028 may be in a string
+        # utf-8-sig: a leading byte-order mark is not a row; not splitlines(): U+2028 may be in a string
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except OSError as e:
         raise OSError(f"cannot read GSM8K file {path}: {e}. {_source_hint(path.stem)}") from e
     except UnicodeDecodeError as e:
