@@ -13,6 +13,7 @@ from pathlib import Path
 from convert.export import PHASES, export_params, export_tokenizer
 from convert.layout import SOURCE_DIRS
 from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_jaxrl_import, load_run_dir
+from jaxrl.config import check_writable_dir
 
 DESCRIPTION = """\
 Write the params of a jaxrl import directory (or of a trainer checkpoint directory holding the
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ckpt_dir = out
     model_file = ckpt_dir / f"model_{step:06d}.pt"
+    check_writable_dir(ckpt_dir, "--out")
     if model_file.exists() and not args.force:
         raise CheckpointError(f"{model_file} already exists; pass --force to replace it")
     if args.base_dir:
@@ -89,4 +91,8 @@ if __name__ == "__main__":
         sys.exit(main())
     except (CheckpointError, ValueError) as e:
         print(f"export_nanochat: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # read-only filesystem, disk full, permissions: the path and the OS's reason
+        print(f"export_nanochat: error: cannot write {e.filename or 'the output'}: {e.strerror or e}; free space or choose "
+              "a writable --out", file=sys.stderr)
         sys.exit(1)

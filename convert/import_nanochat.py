@@ -14,6 +14,7 @@ from pathlib import Path
 from convert.layout import SOURCE_DIRS
 from convert.load import read_nanochat
 from jaxrl.checkpoint_io import CheckpointError, save_jaxrl_import
+from jaxrl.config import check_writable_dir
 from jaxrl.model import GENERATIONS, flatten_params
 
 DESCRIPTION = """\
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     dst = Path(args.out)
     if dst.exists() and not args.force:
         raise CheckpointError(f"output {dst} already exists; choose another --out or pass --force to replace it")
+    check_writable_dir(dst, "--out")  # before a conversion that may take minutes
     t0 = time.perf_counter()
     config, params, info = read_nanochat(args.src, step=args.step, generation=args.generation, source=args.source,
                                          model_tag=args.model_tag, tokenizer_dir=args.tokenizer_dir)
@@ -84,4 +86,8 @@ if __name__ == "__main__":
         sys.exit(main())
     except (CheckpointError, ValueError) as e:
         print(f"import_nanochat: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # read-only filesystem, disk full, permissions: the path and the OS's reason
+        print(f"import_nanochat: error: cannot write {e.filename or 'the output'}: {e.strerror or e}; free space or choose "
+              "a writable --out", file=sys.stderr)
         sys.exit(1)

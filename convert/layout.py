@@ -73,6 +73,12 @@ def resolve_checkpoint(path: str | os.PathLike, *, step: int | None = None, mode
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_file():
         return _resolve_file(path, step, model_tag)
+    if MODEL_FILE_RE.search(path.name):
+        raise CheckpointError(f"{path} is a directory, not a torch file: a model_<step>.pt must be the file "
+                              "torch.save wrote; pass that file, or the checkpoint directory holding it")
+    if not any(path.iterdir()):
+        raise CheckpointError(f"checkpoint directory {path} is empty: pass a jaxrl import or run directory, a "
+                              "nanochat base dir, a checkpoint dir holding model_<step>.pt files, or such a file")
     if is_base_dir(path):
         ckpts = path / SOURCE_DIRS[source]
         if not ckpts.is_dir():
@@ -104,7 +110,12 @@ def _resolve_dir(ckpt_dir: Path, step: int | None, tokenizer_dir: Path) -> Check
     step = find_last_step(ckpt_dir) if step is None else step
     model_file = ckpt_dir / f"model_{step:06d}.pt"
     if not model_file.is_file():
-        raise CheckpointError(f"step {step}: {model_file} does not exist")
+        saved = sorted(int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := MODEL_FILE_RE.search(name))
+                       and (ckpt_dir / name).is_file())
+        state = "is a directory, not a torch file" if model_file.is_dir() else "does not exist"
+        raise CheckpointError(f"step {step}: {model_file} {state}; model_<step>.pt files in {ckpt_dir}: steps "
+                              f"{saved}: pass one of them as the step (--model-step / --step / model_step)"
+                              + (f" or remove the directory {model_file.name}" if model_file.is_dir() else ""))
     return CheckpointFiles(model_file, ckpt_dir / f"meta_{step:06d}.json", step, ckpt_dir.name, tokenizer_dir)
 
 

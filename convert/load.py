@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from convert import detect, layout, torch_io
-from jaxrl.checkpoint_io import CheckpointError, check_param_shapes, is_jaxrl_import, load_jaxrl_import
+from jaxrl.checkpoint_io import CheckpointError, check_finite, check_param_shapes, is_jaxrl_import, load_jaxrl_import
 from jaxrl.model import GPTConfig, Params, unflatten_params
 
 CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -58,6 +58,7 @@ def read_nanochat(path: str | os.PathLike, *, step: int | None = None, generatio
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else files.tokenizer_dir
     notes += check_tokenizer(tok_dir, config, files.meta_file, explicit=tokenizer_dir is not None)
     flat = {key: torch_io.pop_as_float32(sdf, key) for key in list(sdf.state)}
+    check_finite(flat, where)
     for key, value in missing_lambdas.items():
         notes.append(f"{key} missing from the checkpoint: filled with {value[0]:g} as nanochat's loader does")
         flat[key] = value

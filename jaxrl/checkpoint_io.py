@@ -70,6 +70,17 @@ def check_param_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], wh
         )
 
 
+def check_finite(flat: dict[str, np.ndarray], where: str) -> None:
+    """Raise CheckpointError naming every tensor of `flat` that holds a NaN or an infinity: such weights
+    would train silently on garbage (a NaN logit row gives reward 0 and advantage 0 forever)."""
+    bad = [(k, int(np.size(v) - np.isfinite(v).sum()), np.size(v)) for k, v in flat.items()
+           if not np.isfinite(v).all()]
+    if bad:
+        listed = ", ".join(f"{k!r} ({n} of {size} values)" for k, n, size in bad[:5])
+        raise CheckpointError(f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {listed}; the "
+                              "checkpoint is damaged or its training diverged: use an earlier checkpoint")
+
+
 def save_jaxrl_import(
     dir: str | os.PathLike,
     config: GPTConfig,
@@ -93,6 +104,9 @@ def save_jaxrl_import(
     check_param_shapes(config, {k: v.shape for k, v in flat.items()}, where="params to save")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an import is an ordinary folder (0755 under umask 022)
     try:
         _write_params(tmp / PARAMS_DIR, unflatten_params(flat))
         del flat
@@ -128,7 +142,9 @@ def load_jaxrl_import(dir: str | os.PathLike) -> tuple[GPTConfig, Params, dict[s
             raise CheckpointError(f"{d / PARAMS_DIR}: cannot restore the orbax checkpoint: {e}") from e
     flat = flatten_params(tree)
     check_param_shapes(config, {k: np.shape(v) for k, v in flat.items()}, where=str(d / PARAMS_DIR))
-    params = unflatten_params({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    check_finite(flat, where=str(d / PARAMS_DIR))
+    params = unflatten_params(flat)
     info = {k: v for k, v in record.items() if k != "model_config"}
     tok = d / TOKENIZER_DIR
     info["tokenizer_dir"] = str(tok) if (tok / TOKENIZER_FILES[0]).is_file() else None

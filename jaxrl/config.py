@@ -64,9 +64,11 @@ class RLConfig:
     """chat_rl hyperparameters (nanochat's names and defaults) followed by jaxrl's options."""
 
     # ---- nanochat scripts/chat_rl.py (docs/nanochat.md#hyperparameters) ----
-    run: str = _nc("dummy", 'Run name for logging; "dummy" disables wandb (as nanochat).')
+    run: str = _nc("dummy", 'Run name for logging and the run folder <out_dir>/<run> (a folder name, no "/"); '
+                   '"dummy" disables wandb (as nanochat).')
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
-                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py).', SOURCES)
+                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py), and '
+                      "checkpoint, generation, model_tag, model_step, tokenizer_dir must stay unset.", SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
     device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).")
@@ -101,7 +103,7 @@ class RLConfig:
                    "train.jsonl and test.jsonl in GSM8K's format.")
     data_dir: str | None = _f(None, "Local train.jsonl/test.jsonl for the named task; None = the hub.")
     out_dir: str = _f("runs", "Where checkpoints, logs and config.toml are written (<out_dir>/<run>).")
-    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass).")
+    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass); below 2**32.")
     num_steps: int | None = _f(None, "Optimizer steps; None = nanochat's "
                                "(len(train) // examples_per_step) * num_epochs.")
     stop_after_steps: int | None = _f(None, "Stop after this many steps (then save and evaluate) while "
@@ -275,12 +277,19 @@ def _parse_cli_value(key: str, text: str):
 
 
 def _read_toml(path: str) -> dict:
+    """The file's keys; a UTF-8 byte-order mark (as some Windows editors write) is skipped."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a .toml file, e.g. "
+                          "--config scripts/configs/arith_tiny.toml")
     if not p.is_file():
         raise ConfigError(f"config file '{path}' not found (relative paths are resolved against "
                           f"the current directory, {os.getcwd()})")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}. Each line must be "
                           '`key = value` with strings quoted (run = "x"), true/false in lower case, '
@@ -313,6 +322,18 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
         else:
             config_file = value
     return config_file, overrides
+
+
+def check_writable_dir(path: str | os.PathLike, key: str) -> None:
+    """Raise ConfigError unless `path` is, or can be created as, a folder this process may write into."""
+    p = Path(path).absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} '{path}' cannot be created: {existing} is a file, not a directory; "
+                          f"choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} '{path}' is not writable ({existing} is read-only for this user or "
+                          f"filesystem); choose a writable {key} or fix its permissions")
 
 
 def load_config(argv: list[str]) -> RLConfig:

@@ -12,7 +12,6 @@ no transposes, and Muon sees the same (rows, cols) as nanochat.
 
 Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
 K kv heads, Dh head dim, V vocab, L layers.
-
 Attention of full sequences (training, prefill): `JAXRL_ATTENTION` = einsum (default) | xla |
 cudnn, the last two through jax.nn.dot_product_attention (see `full_attention`).
 
@@ -259,10 +258,12 @@ def attend_fused(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | N
 
 
 def attention_impl() -> str:
-    """JAXRL_ATTENTION: "einsum" (default), "xla" or "cudnn"; anything else is an error."""
+    """JAXRL_ATTENTION: "einsum" (default), "xla" or "cudnn" (NVIDIA GPUs); anything else is an error."""
     impl = os.environ.get("JAXRL_ATTENTION", "einsum")
     if impl not in ("einsum", "xla", "cudnn"):
-        raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}")
+        raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}: unset it (einsum) or fix it")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"JAXRL_ATTENTION=cudnn needs an NVIDIA GPU, found {jax.default_backend()!r}: unset it or set xla")
     return impl
 
 

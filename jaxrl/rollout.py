@@ -79,6 +79,25 @@ def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, t
                        np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0)
 
 
+def check_prompt_lengths(config, tokenizer, task, num_questions: int, max_new_tokens: int, what: str) -> None:
+    """Refuse, before anything is sampled, a max_new_tokens or a prompt among the first `num_questions`
+    of `task` that would not fit the model's context (prompts are never truncated). Raises ValueError."""
+    context = 10 * config.sequence_len  # the sampler's limit (sampler.check_request)
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} positions (10 x sequence_len {config.sequence_len}): lower max_new_tokens")
+    lengths = np.array([len(tokenizer.render_for_completion(task[i])) for i in range(num_questions)])
+    too_long = np.flatnonzero(lengths + max_new_tokens > context)
+    if too_long.size:
+        i = int(too_long[np.argmax(lengths[too_long])])
+        room = context - int(lengths[i])  # what the longest prompt leaves for the completion
+        fix = f"Lower max_new_tokens to {room} or remove" if room >= 1 else "That prompt alone fills the context: remove"
+        raise ValueError(f"{too_long.size} of {num_questions} {what} questions do not fit the model's context of "
+                         f"{context} positions with max_new_tokens {max_new_tokens}: the longest, question {i}, has "
+                         f"a {lengths[i]}-token prompt. {fix} those rows (questions {too_long[:5].tolist()}"
+                         f"{' ...' if too_long.size > 5 else ''})")
+
+
 def make_batch(result: RoundResult, num_samples: int, pad_id: int, *, advantage: str = "mean",
                train_on_end_token: bool = False, end_id: int | None = None) -> rl.Batch:
     adv = rl.advantages(result.rewards, num_samples, advantage)

@@ -7,12 +7,23 @@ checkpoint dir, a model_<step>.pt), which is imported on the fly through convert
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 from jaxrl import checkpoint_io
 from jaxrl import tasks
 from jaxrl.tokenizer import Tokenizer
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """A bad input found while loading (a damaged checkpoint, an empty data file, a prompt that does not
+    fit) ends the script with its message and exit status 1, before the run directory exists."""
+    try:
+        yield
+    except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
+        raise SystemExit(f"error: {e}") from None
+
 
 def load_policy(path, *, generation=None, model_step=None, model_tag=None, tokenizer_dir=None, source="sft"):
     """-> (GPTConfig, params, Tokenizer, info dict with at least generation and tokenizer_dir)."""

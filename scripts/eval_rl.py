@@ -11,15 +11,19 @@ the task's order (nanochat's seed-42 shuffle for jsonl), each sampled with the s
 --independent-keys, as nanochat seeds 42 per question. Prints nanochat's `Pass@k` lines: the
 fraction of questions solved by one of the FIRST k samples (nanochat's estimator), then the
 unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes the
-per-question correct counts.
+per-question correct counts. Bad values and an unwritable --json are refused before anything runs
+(docs/errors.md lists every check).
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jaxrl.config import GENERATIONS, ConfigError, check_writable_dir  # noqa: E402  (no jax import yet)
 
 
 def parse_args(argv=None):
@@ -31,16 +35,17 @@ def parse_args(argv=None):
     p.add_argument("--difficulty", type=int, default=2, help="built-in arith task: most calculator steps (1-3)")
     p.add_argument("--num-samples", type=int, default=8, help="samples per question; pass@1..pass@this")
     p.add_argument("--max-examples", type=int, default=None, help="first N questions (default: all)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 is greedy")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (train_rl's eval_seed)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (train_rl's eval_seed), below 2**32")
     p.add_argument("--independent-keys", action="store_true",
                    help="independent sampling keys per question (default: the same keys for every question, as "
                         "nanochat's seed 42; its first-sample pass@1 then swings with the seed: see docs/demo.md)")
     p.add_argument("--batch-rows", type=int, default=512, help="rows (questions x samples) per sampler call")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--generation", default=None, help="nanochat generation, when it cannot be detected")
+    p.add_argument("--generation", default=None, choices=GENERATIONS, help="nanochat generation, when it cannot "
+                   "be detected")
     p.add_argument("--source", default="sft", choices=("base", "mid", "sft", "rl"),
                    help="which <source>_checkpoints of a nanochat base dir")
     p.add_argument("--model-step", type=int, default=None)
@@ -50,6 +55,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.batch_rows < 1 or (args.max_examples is not None and args.max_examples < 1):
         p.error("--num-samples, --batch-rows and --max-examples must be positive")
+    bad = [f"--max-new-tokens must be >= 1, found {args.max_new_tokens}"] * (args.max_new_tokens < 1)
+    bad += [f"--temperature must be a finite number >= 0 (0 is greedy), found {args.temperature}"] * (
+        not math.isfinite(args.temperature) or args.temperature < 0)
+    bad += [f"--top-k must be >= 0 (0 disables it), found {args.top_k}"] * (args.top_k < 0)
+    bad += [f"--seed must be in [0, 2**32), found {args.seed}"] * (not 0 <= args.seed < 2**32)
+    bad += [f"--difficulty must be 1, 2 or 3, found {args.difficulty}"] * (not 1 <= args.difficulty <= 3)
+    if bad:
+        p.error("; ".join(bad))
+    if args.json:  # checked before the eval, not after it
+        try:
+            check_writable_dir(Path(args.json).parent, "--json's folder")
+        except ConfigError as e:
+            p.error(str(e))
+        if Path(args.json).is_dir():
+            p.error(f"--json {args.json} is a directory; pass a file path such as {Path(args.json) / 'eval.json'}")
     return args
 
 
@@ -60,19 +80,22 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import rollout, sampler, sharding  # noqa: E402
+from jaxrl import model, rollout, sampler, sharding  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Policy and task
 
 mesh = sharding.make_mesh(jax.local_devices())
-config, params, tokenizer, info = common.load_policy(
-    args.checkpoint, generation=args.generation, model_step=args.model_step, model_tag=args.model_tag,
-    tokenizer_dir=args.tokenizer_dir, source=args.source)
+with common.exit_on_bad_input():
+    model.attention_impl()
+    config, params, tokenizer, info = common.load_policy(
+        args.checkpoint, generation=args.generation, model_step=args.model_step, model_tag=args.model_tag,
+        tokenizer_dir=args.tokenizer_dir, source=args.source)
+    task = common.open_task(args.task, args.data_dir, args.split, args.difficulty)
+    n = len(task) if args.max_examples is None else min(args.max_examples, len(task))
+    rollout.check_prompt_lengths(config, tokenizer, task, n, args.max_new_tokens, args.split)
 config = config.replace(compute_dtype=args.dtype)
 params = jax.device_put(params, sharding.replicated(mesh))
-task = common.open_task(args.task, args.data_dir, args.split, args.difficulty)
-n = len(task) if args.max_examples is None else min(args.max_examples, len(task))
 print(f"{config.generation} model, {config.n_layer} layers, vocab {config.vocab_size} on {len(jax.local_devices())} "
       f"x {jax.devices()[0].device_kind}; {n} {args.split} questions x {args.num_samples} samples", file=sys.stderr)
 

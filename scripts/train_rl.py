@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jaxrl.config import ConfigError, load_config, save_config  # noqa: E402  (no jax import yet)
+from jaxrl.config import ConfigError, check_writable_dir, load_config, save_config  # noqa: E402  (no jax import yet)
 
 try:
     cfg = load_config(sys.argv[1:])
+    check_writable_dir(Path(cfg.out_dir) / cfg.run, "out_dir")
 except ConfigError as e:  # a user error: its message, not a traceback
     raise SystemExit(f"error: {e}") from None
 
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import distributed, optim, rl, rollout, sampler, sharding  # noqa: E402
+from jaxrl import distributed, model, optim, rl, rollout, sampler, sharding  # noqa: E402
 from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
@@ -59,20 +60,26 @@ print0(format_config(cfg))
 # ------------------------------------------------------------------------------------------
 # Policy, tokenizer, tasks
 
+with common.exit_on_bad_input():  # every input is checked here, before anything is written
+    model.attention_impl()
+    train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
+    test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
+    num_steps = cfg.resolve_num_steps(len(train_task))
+    if cfg.source != "demo":
+        model_config, params, tokenizer, policy_info = common.load_policy(
+            cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
+            tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
+        rollout.check_prompt_lengths(model_config, tokenizer, train_task, min(len(train_task), num_steps *
+                                     cfg.examples_per_step), cfg.max_new_tokens, "training")
+        rollout.check_prompt_lengths(model_config, tokenizer, test_task, min(len(test_task), cfg.eval_examples),
+                                     cfg.max_new_tokens, "test")
 if cfg.source == "demo":
     from jaxrl import warmstart
 
     model_config, params, tokenizer, policy_info = warmstart.demo_policy(cfg, run_dir, mesh)
-else:
-    model_config, params, tokenizer, policy_info = common.load_policy(
-        cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
-        tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
 model_config = model_config.replace(compute_dtype=cfg.dtype)
 if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
     print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
-train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
-test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
-num_steps = cfg.resolve_num_steps(len(train_task))
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
 specials = sampler.SpecialIds.from_tokenizer(tokenizer)

@@ -21,6 +21,7 @@ SUBSETS = ("main", "socratic")
 SPLITS = ("train", "test")
 SHUFFLE_SEED = 42  # nanochat: ds.shuffle(seed=42) == np.random.default_rng(42).permutation(n)
 MAX_BAD_FRACTION = 0.01  # more malformed rows than this is a broken file, not noise
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, written by some Windows editors
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # verbatim from nanochat
 _CALC_SPAN_RE = re.compile(r"(<<[^>]+>>)")  # capturing group: re.split keeps the spans
@@ -55,7 +56,9 @@ def row_to_conversation(row: dict) -> dict:
 def evaluate(conversation: dict, completion: str) -> int:
     """1 if the completion's first `####` answer equals the reference's (string equality), else 0.
 
-    As in nanochat, a reference without `####` and a completion without one compare equal.
+    Deliberate departure from nanochat: a reference without a `#### <number>` answer scores 0 for
+    every completion (nanochat compares None == None and pays 1 to a completion without an answer).
+    The loaders refuse such rows as malformed, so this only guards hand-made conversations.
     """
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str (decoded response), got {type(completion).__name__}")
@@ -64,7 +67,7 @@ def evaluate(conversation: dict, completion: str) -> int:
         raise ValueError("last message must be the assistant's, with a list of parts as content; "
                          f"got role {message['role']!r}, content {type(message['content']).__name__}")
     reference = extract_answer(message["content"][-1]["text"])
-    return int(extract_answer(completion) == reference)
+    return int(reference is not None and extract_answer(completion) == reference)
 
 
 def reward(conversation: dict, completion: str) -> float:
@@ -149,17 +152,27 @@ def _load_local_rows(data_dir: Path, split: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file {path} not found. {_source_hint(split)}")
     records, unparsable = _scan_jsonl(path)
+    if not records and not unparsable:
+        raise ValueError(f"GSM8K file {path} has no rows: it must hold one JSON object per line with "
+                         "'question' and 'answer' fields")
     rows = _keep_valid_rows(str(path), records, unparsable, kind="line")
-    if len(rows) == len(records) and not unparsable:
+    if len(rows) == len(records) and not unparsable and not _starts_with_bom(path):
         return _read_with_datasets(path, expected=rows)
     return rows  # datasets' JSON loader cannot read files with malformed lines
+
+
+def _starts_with_bom(path: Path) -> bool:
+    """datasets' JSON loader is not asked to read files that start with a byte-order mark."""
+    with open(path, "rb") as f:
+        return f.read(len(BOM)) == BOM
 
 
 def _scan_jsonl(path: Path):
     """[(line_number, object)] for non-blank JSON lines, and [(line_number, reason)] for the rest."""
     records, unparsable = [], []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may be in a string
+        # utf-8-sig: a leading byte-order mark is not a row; not splitlines(): U+2028 may be in a string
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except OSError as e:
         raise OSError(f"cannot read GSM8K file {path}: {e}. {_source_hint(path.stem)}") from e
     except UnicodeDecodeError as e:
@@ -174,15 +187,27 @@ def _scan_jsonl(path: Path):
     return records, unparsable
 
 
+def reference_problem(answer: str) -> str | None:
+    """Why the reference answer that `evaluate` would extract from `answer` is not a number, or None."""
+    if "####" not in answer:
+        return "answer has no '#### <number>' line"
+    last_text = row_to_conversation({"question": "", "answer": answer})["messages"][-1]["content"][-1]["text"]
+    reference = extract_answer(last_text)
+    try:
+        float(reference)
+    except (TypeError, ValueError):
+        tail = last_text[last_text.rfind("####"):][:30] if "####" in last_text else last_text[-30:]
+        return f"reference answer {tail!r} is not '#### <number>'"
+    return None
+
+
 def _row_problem(row) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, found {type(row).__name__}"
     for key in ("question", "answer"):
         if not isinstance(row.get(key), str):
             return f"field {key!r} missing or not a string"
-    if "####" not in row["answer"]:
-        return "answer has no '#### <number>' line"
-    return None
+    return reference_problem(row["answer"])
 
 
 def _keep_valid_rows(source: str, records, unparsable, kind: str) -> list[dict]:
