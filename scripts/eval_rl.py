@@ -11,8 +11,9 @@ the task's order (nanochat's seed-42 shuffle for jsonl), each sampled with the s
 --independent-keys, as nanochat seeds 42 per question. Prints nanochat's `Pass@k` lines: the
 fraction of questions solved by one of the FIRST k samples (nanochat's estimator), then the
 unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes, in
-the task's order, `per_question` = [{index, question, correct (int, of --num-samples), first_correct}],
-the schema of nanochat's Engine reference files, so two runs can be paired question by question.
+the task's order, `per_question` = [{index, question, correct (int, of --num-samples), first_correct,
+samples (each sample's outcome)}], the schema of nanochat's Engine reference files plus `samples`,
+so two runs can be paired question by question.
 """
 import argparse
 import json
@@ -109,7 +110,8 @@ if args.json:
            "unbiased": {k: {"mean": m, "lo": lo, "hi": hi} for k, (m, lo, hi) in unbiased.items()},
            "mean_sample_accuracy": float(correct.mean()), "seconds": round(seconds, 1),
            "per_question": [{"index": i, "question": task[i]["messages"][0]["content"], "correct": int(c.sum()),
-                             "first_correct": bool(c[0])} for i, c in enumerate(correct)]}
+                             "first_correct": bool(c[0]), "samples": [bool(x) for x in c]}
+                            for i, c in enumerate(correct)]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.json}", file=sys.stderr)

@@ -51,6 +51,8 @@ def test_json_keys_on_a_handful_of_questions(tmp_path):
     assert [q["index"] for q in per_q] == list(range(6))
     assert all(type(q["correct"]) is int and 0 <= q["correct"] <= 4 and isinstance(q["first_correct"], bool)
                for q in per_q)
+    assert all(len(q["samples"]) == 4 and sum(q["samples"]) == q["correct"] and q["samples"][0] == q["first_correct"]
+               for q in per_q)
     # nanochat's question order (its reference files list the questions in the order it samples them)
     assert [q["question"] for q in per_q] == [q["question"] for q in _reference("engine_passk_indep.json")
                                               ["per_question"][:6]]
