@@ -10,9 +10,11 @@ is read as GSM8K-format train/test jsonl. Questions are the first --max-examples
 the task's order (nanochat's seed-42 shuffle for jsonl), each sampled with the same keys unless
 --independent-keys, as nanochat seeds 42 per question. Prints nanochat's `Pass@k` lines: the
 fraction of questions solved by one of the FIRST k samples (nanochat's estimator), then the
-unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes the
-per-question correct counts. Bad values and an unwritable --json are refused before anything runs
-(docs/errors.md lists every check).
+unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes, in
+the task's order, `per_question` = [{index, question, correct (int, of --num-samples), first_correct,
+samples (each sample's outcome)}], the schema of nanochat's Engine reference files plus `samples`,
+so two runs can be paired question by question. Bad values and an unwritable --json are refused
+before anything runs (docs/errors.md lists every check).
 """
 import argparse
 import json
@@ -130,7 +132,8 @@ if args.json:
            "seed": args.seed, "independent_keys": args.independent_keys, "dtype": args.dtype, **first,
            "unbiased": {k: {"mean": m, "lo": lo, "hi": hi} for k, (m, lo, hi) in unbiased.items()},
            "mean_sample_accuracy": float(correct.mean()), "seconds": round(seconds, 1),
-           "per_question": [{"index": i, "correct": int(c.sum()), "first_correct": bool(c[0])}
+           "per_question": [{"index": i, "question": task[i]["messages"][0]["content"], "correct": int(c.sum()),
+                             "first_correct": bool(c[0]), "samples": [bool(x) for x in c]}
                             for i, c in enumerate(correct)]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

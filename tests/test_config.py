@@ -79,13 +79,18 @@ def test_shipped_config_parses(path):
 def test_arith_tiny_values():
     c = load_config(["--config", str(CONFIGS / "arith_tiny.toml")])
     assert (c.dtype, c.examples_per_step, c.num_samples, c.device_batch_size) == ("float32", 8, 8, 8)
-    assert (c.max_new_tokens, c.num_steps, c.eval_every, c.eval_examples, c.save_every) == (96, 30, 10, 200, 10)
+    assert (c.max_new_tokens, c.eval_examples) == (96, 200)
+    # nanochat's reference run: the first 30 steps of its full schedule (num_steps derived from the
+    # train set, as chat_rl does), evaluated at steps 0 and 30 only
+    assert (c.num_steps, c.stop_after_steps, c.eval_every, c.num_epochs) == (None, 30, 30, 1)
     assert (c.task, c.generation) == ("arith", "gen-2026-07")  # the fixture was made at 92d63d4
     if SHARED != (REPO.parent / "shared").resolve():
         pytest.skip("JAXRL_SHARED moves ../shared; the config's relative paths assume the default")
     # relative paths are resolved against the cwd, which is the repo root for users
     assert (REPO / c.checkpoint).resolve() == ARITH
     assert (REPO / c.data_dir / "train.jsonl").is_file() and (REPO / c.data_dir / "test.jsonl").is_file()
+    train_lines = (REPO / c.data_dir / "train.jsonl").read_text().splitlines()
+    assert c.resolve_num_steps(len(train_lines)) == 2500  # 20000 // 8: lr multiplier 1 - 29/2500 at the 30th update
 
 
 # ---- overrides ----
