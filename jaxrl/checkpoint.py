@@ -5,6 +5,7 @@ Owns the layout of `<run_dir>/checkpoints/`, written through orbax's `args=` Che
     <step>/state/        orbax StandardSave of the state pytree (params, optax state, step, key data)
     <step>/meta/         orbax JsonSave of `meta` (resolved config under "config", data cursor, ...)
     <step>/config.toml   meta["config"] as TOML (jaxrl.config.save_config), for people to read
+    <step>/checksums.json  size and sha256 of every file above, written last (atomically)
     <step>.orbax-checkpoint-tmp*/   an unfinished save: never listed, deleted when a manager opens
 
 A save is atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
@@ -12,6 +13,12 @@ everything is written, so a killed or failed save never becomes `latest_step()`.
 written just after that rename; meta["config"] is the authoritative copy. Restores run against an
 abstract tree (`jax.eval_shape` output or a concrete template) that is first checked leaf by leaf
 against the saved metadata, because orbax itself silently casts a dtype that differs.
+
+Integrity: a save refuses a state holding NaN or inf, and ends by writing checksums.json; a
+restore first checks every file against it (`verify`), so bit rot, a truncated or deleted file,
+or a save cut short before its checksums landed is a CheckpointError naming the step and the
+file, never a silently wrong state. `newest_intact` finds the step a resume can use and moves
+damaged newer steps aside into <run_dir>/damaged_checkpoints/ (nothing is deleted).
 (The nanochat export and the import layout of convert/ live in jaxrl/checkpoint_io.py.)
 
     mgr = CheckpointManager(run_dir / "checkpoints", max_to_keep=3)
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +40,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrl.config import RLConfig, save_config
+from jaxrl.run_safety import CHECKSUMS, checksum_problem, nonfinite_leaves, write_checksums
 
 STATE, META = "state", "meta"
 CONFIG_TOML = "config.toml"
+DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps a resume found damaged, kept for inspection
 
 # RLConfig keys whose change makes a resumed run differ from an uninterrupted one.
 RESUME_BREAKING = (
@@ -49,8 +59,10 @@ RESUME_BREAKING = (
 RESUME_SAFE = (
     "run", "out_dir", "resume", "stop_after_steps", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
     "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
-    "num_processes", "process_id",
+    "num_processes", "process_id", "zero_reward_warn_steps", "allow_data_change",
 )
+# Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
+PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
 
 class CheckpointError(ValueError):
@@ -62,6 +74,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
         self.directory = Path(directory).absolute()
+        self._verified: set[int] = set()  # steps whose files matched their checksums in this process
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
@@ -89,6 +102,10 @@ class CheckpointManager:
         """
         step = int(step)
         _check_state_leaves(state)
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise CheckpointError(f"refusing to save checkpoint step {step}: {len(bad)} state leaves hold NaN or inf "
+                                  f"(first: {bad[0]}); the previous checkpoint is the last good state")
         config = _meta_config(meta)
         if step in self.all_steps():
             raise CheckpointError(f"checkpoint step {step} already exists at {self.step_dir(step)}; "
@@ -114,7 +131,56 @@ class CheckpointManager:
             except OSError as e:
                 raise CheckpointError(f"checkpoint step {step} was saved, but writing {path} failed: "
                                       f"{e}; meta['config'] holds the same config") from e
+        if jax.process_index() == 0:
+            try:
+                write_checksums(self.step_dir(step))
+            except OSError as e:
+                raise CheckpointError(f"checkpoint step {step} was saved, but writing its {CHECKSUMS} failed: {e}. "
+                                      "Free disk space or fix permissions, then resume (it falls back to "
+                                      "the newest checkpoint with checksums)") from e
+        self._verified.add(step)
         return self.step_dir(step)
+
+    def verify(self, step: int) -> None:
+        """Raise CheckpointError naming the step and the first bad file unless every file of `step`
+        matches its checksums.json (each step is read once per manager)."""
+        if step in self._verified:
+            return
+        problem = checksum_problem(self.step_dir(step))
+        if problem:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
+        self._verified.add(step)
+
+    def resume_step(self) -> tuple[int, list[str]]:
+        """(the newest intact step, one note per damaged newer step, each moved into
+        <run_dir>/damaged_checkpoints/ so that it is redone). Raises CheckpointError naming every
+        damaged step and the command that starts the run again, moving nothing, if none is intact."""
+        damaged = []
+        for step in reversed(self.all_steps()):
+            try:
+                self.verify(step)
+            except CheckpointError as e:
+                damaged.append((step, str(e)))
+                continue
+            return step, [f"{why}; moved to {self.set_aside(s)}" for s, why in damaged]
+        if not damaged:
+            raise CheckpointError(f"no checkpoint in {self.directory}; start without resume")
+        aside = self.directory.parent / DAMAGED
+        raise CheckpointError("no intact checkpoint to resume from:\n  - " + "\n  - ".join(why for _, why in damaged)
+                              + f"\nTo start this run again from step 0 (keeping them), run: mv {self.directory} "
+                              f"{aside if not aside.exists() else str(aside) + '-2'}")
+
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint `step` into <run_dir>/damaged_checkpoints/ (process 0); returns where it went."""
+        dest = self.directory.parent / DAMAGED / str(step)
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{step}-{n}"), n + 1
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.step_dir(step), dest)
+        self._mgr.reload()
+        return dest
 
     def read_meta(self, step: int | None = None) -> dict:
         """meta of `step` (default latest) without touching the state, e.g. to build the abstract state."""
@@ -137,6 +203,7 @@ class CheckpointManager:
             raise TypeError("restore needs abstract_state: pass jax.eval_shape(make_state) or a "
                             "template state with the saved structure")
         step = self._existing_step(step)
+        self.verify(step)
         target = jax.tree.map(lambda x: _abstract_leaf(x, sharding), abstract_state)
         where = self.step_dir(step) / STATE
         try:
@@ -149,13 +216,14 @@ class CheckpointManager:
             out = self._mgr.restore(step, args=args)
         except Exception as e:
             raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
-        return out[STATE], out[META]
+        return _finite_or_raise(out[STATE], self.step_dir(step)), out[META]
 
     def restore_saved(self, step: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default latest) with the saved tree, every leaf on this process's
         first device: for reading a run (eval, export, tests) on any device count, e.g. one CPU
         device after a multi-host run; orbax alone refuses a topology that differs from the save's."""
         step = self._existing_step(step)
+        self.verify(step)
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         try:
             saved = self._mgr.item_metadata(step)[STATE]
@@ -165,7 +233,7 @@ class CheckpointManager:
                 **{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
         except Exception as e:
             raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
-        return out[STATE], out[META]
+        return _finite_or_raise(out[STATE], self.step_dir(step)), out[META]
 
     def close(self) -> None:
         self._mgr.close()
@@ -186,6 +254,19 @@ class CheckpointManager:
         if int(step) not in steps:
             raise CheckpointError(f"no checkpoint step {step} in {self.directory}; saved steps: {steps}")
         return int(step)
+
+
+# ------------------------------------------------------------------------------------------
+# Integrity (the checksums and the finiteness check live in jaxrl/run_safety.py)
+
+
+def _finite_or_raise(state: Any, where: Path) -> Any:
+    bad = nonfinite_leaves(state)
+    if bad:
+        raise CheckpointError(f"checkpoint {where} holds NaN or inf in {len(bad)} leaves (first: {bad[0]}); "
+                              f"do not use it: move it aside (mv {where} {where.parent.parent / DAMAGED}/) "
+                              "and resume from the step before")
+    return state
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,10 +359,13 @@ def check_resume_compatible(saved_config: dict, new_config: dict) -> list[str]:
 
     Both arguments are RLConfig.to_dict() outputs (the saved one from meta["config"]). A key
     missing from one side counts as changed; a changed key in neither tuple counts as breaking.
+    PATH_KEYS compare as resolved paths (against the current directory): relative equals absolute.
     """
     missing = object()
+    same = lambda k, a, b: a == b or (k in PATH_KEYS and isinstance(a, str) and isinstance(b, str)
+                                      and os.path.realpath(a) == os.path.realpath(b))
     changed = [k for k in dict.fromkeys([*saved_config, *new_config])
-               if saved_config.get(k, missing) != new_config.get(k, missing)]
+               if not same(k, saved_config.get(k, missing), new_config.get(k, missing))]
     breaking = [k for k in changed if k not in RESUME_SAFE]
     if breaking:
         show = lambda d, k: repr(d[k]) if k in d else "<absent>"

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from jaxrl.checkpoint import STATE
 from jaxrl.model import GPTConfig, Params, flatten_params, param_table, unflatten_params
+from jaxrl.run_safety import checksum_problem
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -171,6 +172,7 @@ def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[G
     if step is None or step not in mgr.all_steps():
         raise CheckpointError(f"{d / RUN_CHECKPOINTS} holds no complete checkpoint "
                               f"{'yet' if step is None else f'of step {step} (it has {sorted(mgr.all_steps())})'}")
+    _check_intact(d / RUN_CHECKPOINTS, step, sorted(mgr.all_steps()))
     state = d / RUN_CHECKPOINTS / str(step) / STATE  # jaxrl.checkpoint's layout
     with ocp.PyTreeCheckpointer() as ckptr:  # params only, as host numpy: any device count can read them
         saved = ckptr.metadata(state).item_metadata.tree["params"]
@@ -179,10 +181,22 @@ def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[G
         raw = ckptr.restore(state, args=args)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(raw["params"]).items()}
     check_param_shapes(config, {k: v.shape for k, v in flat.items()}, where=str(d / RUN_CHECKPOINTS / str(step)))
+    if bad := [k for k, v in flat.items() if not np.isfinite(v).all()]:
+        raise CheckpointError(f"checkpoint step {step} of {d} holds NaN or inf in {len(bad)} tensors "
+                              f"(first: {bad[0]}); do not use or export it: pick an earlier step")
     info = {k: v for k, v in record.items() if k != "model_config"}
     tok = d / TOKENIZER_DIR
     info.update(step=step, tokenizer_dir=str(tok) if (tok / TOKENIZER_FILES[0]).is_file() else None)
     return config, unflatten_params(flat), info
+
+
+def _check_intact(checkpoints: Path, step: int, steps: list[int]) -> None:
+    """Raise CheckpointError naming the damage and the newest intact step unless `step` matches its checksums."""
+    if problem := checksum_problem(checkpoints / str(step)):
+        intact = [s for s in reversed(steps) if not checksum_problem(checkpoints / str(s))]
+        fix = (f"use step {intact[0]}, the newest intact one (eval_rl.py --model-step {intact[0]}, "
+               f"convert.export_nanochat --step {intact[0]})" if intact else "no step of this run is intact")
+        raise CheckpointError(f"checkpoint step {step} of {checkpoints.parent} is damaged: {problem}; {fix}")
 
 
 def read_model_json(dir: str | os.PathLike) -> dict[str, Any]:

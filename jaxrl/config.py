@@ -136,7 +136,13 @@ class RLConfig:
     eval_shared_keys: bool = _f(True, "pass@k samples every question with the same keys, as nanochat (seed 42 "
                                 "per question); false: independent keys per question, a far less noisy pass@1.")
     max_nonfinite_skips: int = _f(3, "A step with a non-finite loss or gradient is skipped; stop "
-                                  "with an error after this many consecutive ones.")
+                                  "with an error (exit 3, last good state saved) after this many "
+                                  "consecutive ones; 0 = never stop, skip every such step.")
+    zero_reward_warn_steps: int = _f(10, "Warn when the reward was 0 on every sample for this many "
+                                     "consecutive steps (nothing is learned: broken weights or a reward "
+                                     "that never fires), and again every as many steps; 0 = never warn.")
+    allow_data_change: bool = _f(False, "Let --resume go on when the train or test data differs from the "
+                                 "fingerprint (row count + sha256) saved with the checkpoint.")
     log_every: int = _f(1, "Print and log the step metrics every this many steps.")
     export_nanochat: bool = _f(True, "Also write nanochat-format .pt checkpoints (needs torch).")
 

@@ -16,7 +16,7 @@ _RANGES = (  # (fields, predicate on a non-None value, the requirement in words)
       "num_processes", "warmstart_steps", "warmstart_batch_size", "warmstart_eval_every"), lambda v: v >= 1,
      "a positive integer"),
     (("arith_difficulty",), lambda v: 1 <= v <= 3, "1, 2 or 3"),
-    (("top_k", "max_nonfinite_skips", "model_step", "process_id", "train_chunk_rows"), lambda v: v >= 0, ">= 0"),
+    (("top_k", "max_nonfinite_skips", "zero_reward_warn_steps", "model_step", "process_id", "train_chunk_rows"), lambda v: v >= 0, ">= 0"),
     (("seed", "eval_seed"), lambda v: 0 <= v < 2**32, "in [0, 2**32) (sampling keys are 32-bit)"),
     (("temperature", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
      lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),

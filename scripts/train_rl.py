@@ -8,9 +8,14 @@ REINFORCE update sharded over every device, logging, and a checkpoint every save
 Every key is documented in docs/configs.md; `--help` lists them; docs/errors.md lists the bad inputs.
 
 Exit status: 0 done; 1 bad input (the message names the file/key and the fix); 3 stopped after
-max_nonfinite_skips consecutive non-finite steps (last good state saved); 4 a checkpoint or export
-could not be written (path and OS error printed; the previous checkpoint is intact).
-`--resume` continues bit-identically from the latest complete checkpoint (tests/test_resume.py).
+max_nonfinite_skips consecutive non-finite steps (last good state saved), or an update that left
+NaN/inf in the state (nothing saved from it); 4 a checkpoint or export could not be written (path
+and OS error printed; the previous checkpoint is intact); 5 stopped by SIGTERM/SIGINT after
+finishing the step and saving it (the resume command is printed); 128 + signal number (130 for
+Ctrl-C, 143 for SIGTERM) for a signal before the first step, or a second signal (exits at once).
+`--resume` continues bit-identically from the newest intact checkpoint (tests/test_resume.py);
+damaged newer ones are moved to <run>/damaged_checkpoints/. <run>/run.lock keeps a second run
+out of the directory (docs/errors.md, "Run state, checkpoints and preemption").
 """
 import json
 import os
@@ -34,10 +39,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import distributed, model, optim, rl, rollout, sampler, sharding  # noqa: E402
+from jaxrl import distributed, model, optim, rl, rollout, run_safety, sampler, sharding  # noqa: E402
 from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
+from jaxrl.run_safety import RunStateError, nonfinite_leaves  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Runtime: processes, devices, run directory
@@ -53,6 +59,18 @@ if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % cfg.de
                      f"whole passes of {cfg.device_batch_size} rows on each of {world} devices: "
                      f"make examples_per_step a multiple of {world}")
 run_dir = Path(cfg.out_dir) / cfg.run
+stop = run_safety.StopSignal()  # until stop.defer(), SIGTERM/SIGINT exit at once, without a traceback
+claim = None  # process 0 locks the run dir (released at exit; a run dir this run made goes if it fails before step 1)
+if jax.process_index() == 0:
+    try:
+        claim = run_safety.claim_run_dir(run_dir)
+    except (RunStateError, OSError) as e:
+        raise SystemExit(f"error: {e}" if isinstance(e, RunStateError) else f"error: cannot create the run "
+                         f"directory {run_dir}: {e.strerror}; choose a writable out_dir") from None
+    if not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):  # a start from step 0
+        for moved in run_safety.set_aside_logs(run_dir):
+            print0(f"fresh start: the earlier log is kept as {moved}")
+    stop.on_exit = claim.release
 print0(f"run directory: {run_dir.resolve()}")
 print0(f"devices: {world} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), jax {jax.__version__}")
 print0(format_config(cfg))
@@ -65,6 +83,7 @@ with common.exit_on_bad_input():  # every input is checked here, before anything
     train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
     test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
+    data_fp = {"train": run_safety.data_fingerprint(train_task), "test": run_safety.data_fingerprint(test_task)}
     if cfg.source != "demo":
         model_config, params, tokenizer, policy_info = common.load_policy(
             cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
@@ -114,12 +133,20 @@ def forget_from(step: int):
 start_step, consecutive_skips = 0, 0
 train_len = 0  # packed training length: only grows, so the train step compiles once per new length
 if cfg.resume and ckpt.latest_step() is not None:
-    try:  # refuse before touching state
-        allowed = check_resume_compatible(ckpt.read_meta()["config"], cfg.to_dict())
-    except CheckpointError as e:
+    try:  # verify every file, then refuse config and data changes, before touching state
+        resume_at, damaged = ckpt.resume_step()
+        for note in damaged:
+            print0(f"warning: {note}", file=sys.stderr)
+        if damaged:
+            print0(f"warning: resuming from step {resume_at}, the newest intact checkpoint", file=sys.stderr)
+        saved_meta = ckpt.read_meta(resume_at)
+        allowed = check_resume_compatible(saved_meta["config"], cfg.to_dict())
+        if note := run_safety.check_data(saved_meta.get("data"), data_fp, cfg.allow_data_change):
+            print0(note, file=sys.stderr)
+        state, meta = ckpt.restore(resume_at, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
+                                   sharding=sharding.replicated(mesh))
+    except (CheckpointError, RunStateError) as e:
         raise SystemExit(f"error: {e}") from None
-    state, meta = ckpt.restore(None, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
-                               sharding=sharding.replicated(mesh))
     params, opt_state = state["params"], state["opt_state"]
     start_step = meta["next_step"]
     train_len = int(meta.get("train_len", 0))  # the same bins as the uninterrupted run
@@ -134,6 +161,9 @@ elif cfg.resume:
 elif ckpt.latest_step() is not None:
     raise SystemExit(f"error: {ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): pass "
                      "--resume to continue that run, or choose another run name or out_dir")
+if start_step == 0 and (bad := nonfinite_leaves(params)):  # a restored state was checked by the restore
+    raise SystemExit(f"error: the policy from {cfg.checkpoint or cfg.source} holds NaN or inf in {len(bad)} tensors "
+                     f"(first: {bad[0]}); training on it learns nothing: re-import or re-export a good checkpoint")
 if jax.process_index() == 0:
     common.write_run_record(run_dir, model_config, policy_info)
     save_config(cfg, run_dir / "config.toml")
@@ -166,7 +196,7 @@ def evaluate(step: int):
 def save(step: int):
     """Checkpoint the state after step `step`'s update (resume continues at step + 1), then export."""
     meta = {"step": step, "next_step": step + 1, "config": cfg.to_dict(), "cursor": (step + 1) * cfg.examples_per_step,
-            "model_config": model_config.to_dict(), "seed": cfg.seed, "train_len": train_len}
+            "model_config": model_config.to_dict(), "seed": cfg.seed, "train_len": train_len, "data": data_fp}
     try:
         ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
         if cfg.export_nanochat and jax.process_index() == 0:
@@ -186,7 +216,10 @@ inject_nan_steps = {int(k) for k in os.environ.get("JAXRL_INJECT_NAN_STEP", "").
 last_step = min(num_steps, cfg.stop_after_steps or num_steps)  # a prefix of the schedule, or all of it
 bar = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=jax.process_index() != 0,
            desc="rl", dynamic_ncols=True)
-last_eval = None
+last_eval, zero_steps = None, []
+stop.defer()  # from here a first SIGTERM/SIGINT finishes the step, saves and exits 5
+if claim:
+    claim.training_started = True
 for step in bar:
     if step % cfg.eval_every == 0:
         last_eval = evaluate(step)
@@ -210,6 +243,11 @@ for step in bar:
     params, opt_state, m = train_step(params, opt_state, batch)
     m = jax.device_get(m)
     train_s = time.perf_counter() - t0
+    if bad := nonfinite_leaves({"params": params, "opt_state": opt_state}):  # never train on or save them
+        print(f"error: step {step}'s update left NaN or inf in {len(bad)} leaves (first: {bad[0]}) although its loss "
+              f"and gradient were finite; nothing of it is saved, the last good state is checkpoint step "
+              f"{ckpt.latest_step()}. Lower the learning rates, then resume", file=sys.stderr, flush=True)
+        sys.exit(3)
     row = common.step_row(model_config, step, num_steps, res, m, reward_s=reward_s, train_s=train_s, lrs=lrs)
     if m.skipped:
         consecutive_skips += 1
@@ -220,14 +258,24 @@ for step in bar:
         consecutive_skips = 0
     writer.log(row)
     print0(common.step_line(row, num_steps))
+    zero_steps = zero_steps + [step] if row["reward"] == 0 else []
+    if warning := run_safety.zero_reward_warning(zero_steps, cfg.zero_reward_warn_steps, last_eval):
+        print0(warning, file=sys.stderr)
     bar.set_postfix(reward=f"{row['reward']:.3f}", pass1=f"{last_eval['pass@1']:.3f}" if last_eval else "-")
-    if consecutive_skips >= cfg.max_nonfinite_skips:
+    if run_safety.stop_for_nonfinite(consecutive_skips, cfg.max_nonfinite_skips):
         save(step)  # the skipped updates left params as the last good state
         print0(f"stopping: {consecutive_skips} consecutive non-finite steps (max_nonfinite_skips); "
                f"last good state saved as step {step} in {ckpt.directory}")
         sys.exit(3)
-    if (step > 0 and step % cfg.save_every == 0) or step == last_step - 1:
+    if (saved := (step > 0 and step % cfg.save_every == 0) or step == last_step - 1):
         save(step)
+    if distributed.sum_scalar(float(stop.signum is not None)) > 0:  # every process stops after the same step
+        if not saved:
+            save(step)
+        writer.close()
+        print0(f"stopped by a signal after step {step}, saved as checkpoint step {step} in {ckpt.directory}; "
+               f"resume with:\n  {run_safety.resume_command(sys.argv)}")
+        sys.exit(run_safety.EXIT_PREEMPTED)
 
 # ------------------------------------------------------------------------------------------
 # Final evaluation (nanochat skips it; users want the final number) and report
