@@ -20,7 +20,7 @@ import numpy as np
 from convert import hf
 from convert.hf_tokenizer import save_hf_tokenizer
 from convert.load import read_nanochat
-from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_run_dir
+from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_run_dir, replace_dir
 from jaxrl.model import GPTConfig, Params
 from jaxrl.tokenizer import Tokenizer
 
@@ -92,7 +92,7 @@ def export_hf(config: GPTConfig, params: Params, tokenizer_dir: str | os.PathLik
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         _write_folder(tmp, config, state, tok, step)
-        _replace_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,17 +131,6 @@ def model_card(config: GPTConfig, step: int | None) -> str:
             f"add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
             f"out = model.generate(**ids, max_new_tokens=64, do_sample=False)\n```\n\n"
             f"Precision: {hf.FP32_ROTARY_NOTE}.\n")
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename tmp onto dst; an existing dst (--force) is moved aside first and deleted after the swap."""
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

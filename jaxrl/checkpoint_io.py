@@ -115,7 +115,7 @@ def save_jaxrl_import(
         _write_json(tmp / MODEL_JSON, record)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
-        _replace_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,7 +262,7 @@ def _write_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def _replace_dir(tmp: Path, dst: Path) -> None:
+def replace_dir(tmp: Path, dst: Path) -> None:
     """Rename tmp onto dst; an existing dst is moved aside first and deleted after the swap."""
     if not dst.exists():
         tmp.rename(dst)
