@@ -82,7 +82,7 @@ def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, t
 def check_prompt_lengths(config, tokenizer, task, num_questions: int, max_new_tokens: int, what: str) -> None:
     """Refuse, before anything is sampled, a max_new_tokens or a prompt among the first `num_questions`
     of `task` that would not fit the model's context (prompts are never truncated). Raises ValueError."""
-    context = 10 * config.sequence_len  # the sampler's limit (sampler.check_request)
+    context = sampler.context_positions(config)  # the limit sampler.check_request enforces
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
                          f"{context} positions (10 x sequence_len {config.sequence_len}): lower max_new_tokens")

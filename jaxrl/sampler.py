@@ -247,6 +247,11 @@ def _compiled(config, spec, tool, mesh):
     return jax.jit(f)
 
 
+def context_positions(config) -> int:
+    """Positions a rollout (prompt + completion) can address: nanochat's rotary table length."""
+    return 10 * config.sequence_len
+
+
 def check_request(config, prompts, num_samples, max_new_tokens, temperature):
     """Validate a request before anything compiles; errors name the bad value and the limit."""
     if num_samples < 1:
@@ -257,7 +262,7 @@ def check_request(config, prompts, num_samples, max_new_tokens, temperature):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), found {temperature}")
     if not prompts:
         raise ValueError("no prompts given")
-    context = 10 * config.sequence_len  # nanochat's rotary table length: the positions it can address
+    context = context_positions(config)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; it needs at least <|bos|>")
