@@ -193,9 +193,10 @@ def load_run_dir(run_dir: str | os.PathLike, step: int | None = None) -> tuple[G
 def _check_intact(checkpoints: Path, step: int, steps: list[int]) -> None:
     """Raise CheckpointError naming the damage and the newest intact step unless `step` matches its checksums."""
     if problem := checksum_problem(checkpoints / str(step)):
-        intact = [s for s in reversed(steps) if not checksum_problem(checkpoints / str(s))]
-        fix = (f"use step {intact[0]}, the newest intact one (eval_rl.py --model-step {intact[0]}, "
-               f"convert.export_nanochat --step {intact[0]})" if intact else "no step of this run is intact")
+        # hash steps newest first and stop at the first intact one (each check reads a whole checkpoint)
+        intact = next((s for s in reversed(steps) if s != step and not checksum_problem(checkpoints / str(s))), None)
+        fix = (f"use step {intact}, the newest intact one (eval_rl.py --model-step {intact}, "
+               f"convert.export_nanochat --step {intact})" if intact is not None else "no step of this run is intact")
         raise CheckpointError(f"checkpoint step {step} of {checkpoints.parent} is damaged: {problem}; {fix}")
 
 
