@@ -16,6 +16,6 @@ Formats and rules: docs/checkpoints.md. Test: `pytest tests/test_convert.py test
 from convert.detect import detect_generation
 from convert.export import export_params
 from convert.load import load_nanochat, read_nanochat
-from jaxrl.checkpoint_io import CheckpointError
+from jaxrl.run_state import CheckpointError
 
 __all__ = ["CheckpointError", "detect_generation", "export_params", "load_nanochat", "read_nanochat"]

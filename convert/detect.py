@@ -7,7 +7,7 @@ Test: `pytest tests/test_convert.py -k detect`.
 """
 from __future__ import annotations
 
-from jaxrl.checkpoint_io import CheckpointError
+from jaxrl.run_state import CheckpointError
 from jaxrl.model import GENERATIONS
 
 # Appended to each reason: what the keys cannot tell apart.

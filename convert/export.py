@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convert import torch_io
-from jaxrl.checkpoint_io import TOKENIZER_FILES, CheckpointError, check_param_shapes, copy_tokenizer
+from jaxrl.run_state import TOKENIZER_DIR, TOKENIZER_FILES, CheckpointError, check_param_shapes, copy_tokenizer
 from jaxrl.model import GPTConfig, Params, flatten_params, param_table
 
 PHASES = ("sft", "rl")
@@ -94,7 +94,7 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
 
 def export_tokenizer(src_dir: str | os.PathLike, base_dir: str | os.PathLike, force: bool = False) -> list[Path]:
     """Copy tokenizer.pkl (+ token_bytes.pt) to <base_dir>/tokenizer/, refusing to replace different files."""
-    dst = Path(base_dir) / "tokenizer"
+    dst = Path(base_dir) / TOKENIZER_DIR
     for name in TOKENIZER_FILES:
         src_file, dst_file = Path(src_dir) / name, dst / name
         differs = dst_file.exists() and src_file.is_file() and not filecmp.cmp(src_file, dst_file, shallow=False)

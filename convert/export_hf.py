@@ -20,7 +20,7 @@ import numpy as np
 from convert import hf
 from convert.hf_tokenizer import save_hf_tokenizer
 from convert.load import read_nanochat
-from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_run_dir, replace_dir
+from jaxrl.run_state import CheckpointError, is_run_dir, load_run_dir, replace_dir
 from jaxrl.model import GPTConfig, Params
 from jaxrl.tokenizer import Tokenizer
 

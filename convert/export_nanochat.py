@@ -12,7 +12,7 @@ from pathlib import Path
 
 from convert.export import PHASES, export_params, export_tokenizer
 from convert.layout import SOURCE_DIRS
-from jaxrl.checkpoint_io import CheckpointError, is_run_dir, load_jaxrl_import, load_run_dir
+from jaxrl.run_state import CheckpointError, RunPaths, is_run_dir, load_jaxrl_import, load_run_dir
 from jaxrl.config import check_writable_dir
 
 DESCRIPTION = """\
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     source = info.get("source") or {}
     step = args.step if args.step is not None else info.get("step", source.get("step"))
     if step is None:
-        raise CheckpointError(f"{Path(args.src) / 'model.json'} records no step; pass --step")
+        raise CheckpointError(f"{RunPaths(args.src).model_json} records no step; pass --step")
     out = Path(args.out)
     if args.base_dir:
         tag = args.model_tag or f"d{config.n_layer}"

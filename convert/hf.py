@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl.checkpoint_io import CheckpointError
+from jaxrl.run_state import CheckpointError
 from jaxrl.model import RMS_EPS, SOFTCAP, GPTConfig, Params, flatten_params, unflatten_params
 
 TRANSFORMERS_TESTED = "5.25.0"  # the transformers version this mapping was read from and tested with

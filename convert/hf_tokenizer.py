@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tiktoken
 
-from jaxrl.checkpoint_io import CheckpointError
+from jaxrl.run_state import CheckpointError
 from jaxrl.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, load_encoding
 
 ENCODING_NAME = "rustbpe"  # the name nanochat gives its Encoding

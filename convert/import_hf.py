@@ -17,7 +17,7 @@ import numpy as np
 
 from convert import hf
 from convert.hf_tokenizer import encoding_from_hf, write_tokenizer_pkl
-from jaxrl.checkpoint_io import CheckpointError, save_jaxrl_import
+from jaxrl.run_state import CheckpointError, save_jaxrl_import
 from jaxrl.model import GPTConfig
 
 INDEX = "model.safetensors.index.json"

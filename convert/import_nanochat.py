@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convert.layout import SOURCE_DIRS
 from convert.load import read_nanochat
-from jaxrl.checkpoint_io import CheckpointError, save_jaxrl_import
+from jaxrl.run_state import CheckpointError, save_jaxrl_import
 from jaxrl.config import check_writable_dir
 from jaxrl.model import GENERATIONS, flatten_params
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxrl.checkpoint_io import TOKENIZER_DIR, CheckpointError
+from jaxrl.run_state import TOKENIZER_DIR, CheckpointError
 from jaxrl.tokenizer import Tokenizer
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from convert import detect, layout, torch_io
-from jaxrl.checkpoint_io import CheckpointError, check_finite, check_param_shapes, is_jaxrl_import, load_jaxrl_import
+from jaxrl.run_state import (CheckpointError, RunPaths, check_finite, check_param_shapes, is_jaxrl_import,
+                             load_jaxrl_import)
 from jaxrl.model import GPTConfig, Params, unflatten_params
 
 CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -112,16 +113,16 @@ def _missing_lambdas(config: GPTConfig, shapes: dict[str, tuple[int, ...]]) -> d
 
 
 def _read_import(path: Path, step, generation, model_tag, tokenizer_dir):
-    """An import (or trainer) directory through jaxrl.checkpoint_io, with the same checks."""
+    """An import (or trainer) directory through jaxrl.run_state, with the same checks."""
     if step is not None or model_tag is not None:
         raise CheckpointError(f"{path} is a jaxrl import dir (one fixed checkpoint): --step/--model-tag do not apply")
     config, params, info = load_jaxrl_import(path)
     if generation is not None and generation != config.generation:
         raise CheckpointError(f"{path}: generation {generation!r} was requested but this import is "
                               f"{config.generation} ({info.get('generation_reason', 'no reason recorded')})")
-    info.setdefault("generation_reason", f"{config.generation} as recorded in {path / 'model.json'}")
+    info.setdefault("generation_reason", f"{config.generation} as recorded in {RunPaths(path).model_json}")
     if tokenizer_dir is not None:
-        check_tokenizer(Path(tokenizer_dir), config, path / "model.json", explicit=True)
+        check_tokenizer(Path(tokenizer_dir), config, RunPaths(path).model_json, explicit=True)
         info["tokenizer_dir"] = str(Path(tokenizer_dir).resolve())
     return config, params, info
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jaxrl.checkpoint_io import CheckpointError
+from jaxrl.run_state import CheckpointError
 
 ORIG_MOD = "_orig_mod."  # prefix torch.compile adds to every key; nanochat strips it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from jaxrl.run_state.paths import RunPaths
+
 
 def is_main() -> bool:
     return jax.process_index() == 0
@@ -43,11 +45,11 @@ class MetricsWriter:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = open(RunPaths(self.run_dir).metrics, "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(RunPaths(self.run_dir).tensorboard))
         except ImportError:  # tensorboardX is a core dependency; tolerate its absence anyway
             print0("tensorboardX is not installed: no TensorBoard events")
         if run_name != "dummy":
@@ -88,7 +90,7 @@ class MetricsWriter:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All rows of <run_dir>/metrics.jsonl (a truncated last line from a killed run is skipped)."""
     rows = []
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths(run_dir).metrics
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rows.append(json.loads(line))

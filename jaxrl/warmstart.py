@@ -34,8 +34,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxrl import checkpoint_io, optim, rl, rollout, sampler, sharding
-from jaxrl.checkpoint import CheckpointManager
+from jaxrl import optim, rl, rollout, sampler, sharding
+from jaxrl.run_state import CheckpointManager, RunPaths
 from jaxrl.metrics import MetricsWriter, print0
 from jaxrl.model import GPTConfig, init_params, param_table
 from jaxrl.tasks import open_task
@@ -162,7 +162,7 @@ def demo_policy(cfg, run_dir, mesh):
     if jax.process_count() > 1:
         raise ValueError('source = "demo" runs on one process; start it without coordinator_address/num_processes')
     run_dir = Path(run_dir)
-    tok_dir = run_dir / checkpoint_io.TOKENIZER_DIR
+    tok_dir = RunPaths(run_dir).tokenizer
     latest = CheckpointManager(run_dir / "checkpoints").latest_step()
     if latest is not None and not cfg.resume:  # refuse before the tokenizer and metrics of that run are touched
         raise SystemExit(f"error: {run_dir / 'checkpoints'} already holds checkpoints (latest step {latest}): pass "

@@ -4,7 +4,7 @@ Each direction runs in its own Python process (JAX on the CPU: conversion is hos
 reports its own time and peak RSS (VmHWM), so the peak is that of the conversion process alone,
 not of this script; `baseline_rss_mb` is the child's peak after its imports, before converting.
 - import: `convert.import_nanochat.main([SRC, "--out", DST])`, exactly the CLI;
-- export: `checkpoint_io.load_jaxrl_import` (`load_s`, what the trainer does) then
+- export: `run_state.load_jaxrl_import` (`load_s`, what the trainer does) then
   `convert.export_params` (`export_s`).
 The source is the `--checkpoint` (a nanochat path, or a jaxrl import that is exported first), or a
 synthetic nanochat checkpoint of the `--model` shape written with torch (random params, nanochat's
@@ -25,7 +25,7 @@ import numpy as np
 
 import bench_device
 from bench_setup import REPO, random_params
-from jaxrl import checkpoint_io
+from jaxrl import run_state
 
 # The peak is read from /proc/self/status VmHWM (KiB): after fork + exec, Linux's ru_maxrss of the
 # child also counts the parent's RSS at the fork, which would report this script's memory.
@@ -49,7 +49,7 @@ print(json.dumps({"import_s": s, "baseline_kb": base, "peak_kb": peak_kb()}))
 _EXPORT = _PEAK + """
 import json, sys, time
 from convert import export_params
-from jaxrl.checkpoint_io import load_jaxrl_import
+from jaxrl.run_state import load_jaxrl_import
 base = peak_kb()
 t0 = time.perf_counter()
 config, params, info = load_jaxrl_import(sys.argv[1])
@@ -83,11 +83,11 @@ def run(args) -> tuple[dict, list[str], list[list]]:
     with tempfile.TemporaryDirectory(prefix="jaxrl-bench-convert-") as tmp:
         tmp = Path(tmp)
         pre_export = None
-        if args.checkpoint and checkpoint_io.is_jaxrl_import(args.checkpoint):
+        if args.checkpoint and run_state.is_jaxrl_import(args.checkpoint):
             pre_export = _child(_EXPORT, str(args.checkpoint), str(tmp / "nano" / "chatsft_checkpoints" / "d0"))
             src = tmp / "nano"
             model_file = next(src.rglob("model_*.pt"))
-            config = checkpoint_io.load_jaxrl_import(args.checkpoint)[0]
+            config = run_state.load_jaxrl_import(args.checkpoint)[0]
         elif args.checkpoint:
             src = Path(args.checkpoint)
             model_file = next(iter(sorted(Path(src).rglob("model_*.pt"))), src)
@@ -98,7 +98,7 @@ def run(args) -> tuple[dict, list[str], list[list]]:
             model_file = next(src.rglob("model_*.pt"))
         imported = _child(_IMPORT, str(src), str(tmp / "import"))
         exported = _child(_EXPORT, str(tmp / "import"), str(tmp / "export"))
-        config = config or checkpoint_io.load_jaxrl_import(tmp / "import")[0]
+        config = config or run_state.load_jaxrl_import(tmp / "import")[0]
         checkpoint_mb = model_file.stat().st_size / 2**20
     mb = 2.0**-10
     out = {"rows": None, "import_s": imported["import_s"], "peak_rss_mb": imported["peak_kb"] * mb,

@@ -1,6 +1,6 @@
 """What `scripts/bench.py` runs on: the policy, tokenizer, task and calculator tool of one benchmark.
 
-With `--checkpoint` they are real: the checkpoint (scripts/common.load_policy), its tokenizer, a
+With `--checkpoint` they are real: the checkpoint (jaxrl.run_state.load_policy), its tokenizer, a
 GSM8K-format task from `--data-dir` (default ../shared/data/arith) and the calculator. With
 `--model d<N>` nothing needs a file: random params of nanochat's shapes, and tokenizer-free
 stand-ins: a synthetic tokenizer whose nine specials are the last nine vocab ids (nanochat's
@@ -23,7 +23,7 @@ import numpy as np
 
 import bench_device
 import common
-from jaxrl import sampler, sharding
+from jaxrl import run_state, sampler, sharding
 from jaxrl.calculator import use_calculator
 from jaxrl.model import init_params
 from jaxrl.tokenizer import SPECIAL_TOKENS
@@ -127,7 +127,8 @@ def load_context(args) -> Context:
     """The policy of `--checkpoint` or random params of `--model`, in `--dtype`, replicated on the mesh."""
     mesh = sharding.make_mesh()
     if args.checkpoint:
-        config, params, tokenizer, _ = common.load_policy(args.checkpoint)
+        with common.exit_on_bad_input():  # a bad checkpoint: its message and exit 1, as before
+            config, params, tokenizer, _ = run_state.load_policy(args.checkpoint)
         config = config.replace(compute_dtype=args.dtype)
         data_dir = Path(args.data_dir) if args.data_dir else SHARED / "data" / "arith"
         if not (data_dir / "train.jsonl").is_file():

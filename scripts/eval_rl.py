@@ -82,7 +82,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import model, rollout, sampler, sharding  # noqa: E402
+from jaxrl import model, rollout, run_state, sampler, sharding  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Policy and task
@@ -90,7 +90,7 @@ from jaxrl import model, rollout, sampler, sharding  # noqa: E402
 mesh = sharding.make_mesh(jax.local_devices())
 with common.exit_on_bad_input():
     model.attention_impl()
-    config, params, tokenizer, info = common.load_policy(
+    config, params, tokenizer, info = run_state.load_policy(
         args.checkpoint, generation=args.generation, model_step=args.model_step, model_tag=args.model_tag,
         tokenizer_dir=args.tokenizer_dir, source=args.source)
     task = common.open_task(args.task, args.data_dir, args.split, args.difficulty)

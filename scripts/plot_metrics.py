@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxrl.metrics import read_metrics  # noqa: E402
+from jaxrl.run_state import RunPaths  # noqa: E402
 
 
 def _series(rows, event, key, phase, offset=0):
@@ -48,7 +49,7 @@ def plot_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
-        raise SystemExit(f"{run_dir / 'metrics.jsonl'} has no rows to plot")
+        raise SystemExit(f"{RunPaths(run_dir).metrics} has no rows to plot")
     ks = sorted({int(k.split("@")[1]) for r in rows for k in r if k.startswith("pass@")})
     top_k = max(ks) if ks else None
     ws = [r["step"] for r in rows if r.get("phase") == "warmstart" and r.get("event") == "eval"]

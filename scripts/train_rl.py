@@ -39,11 +39,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import distributed, model, optim, rl, rollout, run_safety, sampler, sharding  # noqa: E402
-from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
+from jaxrl import distributed, model, optim, rl, rollout, run_state, sampler, sharding  # noqa: E402
+from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compatible, nonfinite_leaves  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
-from jaxrl.run_safety import RunStateError, nonfinite_leaves  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Runtime: processes, devices, run directory
@@ -59,16 +58,17 @@ if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % cfg.de
                      f"whole passes of {cfg.device_batch_size} rows on each of {world} devices: "
                      f"make examples_per_step a multiple of {world}")
 run_dir = Path(cfg.out_dir) / cfg.run
-stop = run_safety.StopSignal()  # until stop.defer(), SIGTERM/SIGINT exit at once, without a traceback
+paths = run_state.RunPaths(run_dir)
+stop = run_state.StopSignal()  # until stop.defer(), SIGTERM/SIGINT exit at once, without a traceback
 claim = None  # process 0 locks the run dir (released at exit; a run dir this run made goes if it fails before step 1)
 if jax.process_index() == 0:
     try:
-        claim = run_safety.claim_run_dir(run_dir)
+        claim = run_state.claim_run_dir(run_dir)
     except (RunStateError, OSError) as e:
         raise SystemExit(f"error: {e}" if isinstance(e, RunStateError) else f"error: cannot create the run "
                          f"directory {run_dir}: {e.strerror}; choose a writable out_dir") from None
-    if not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):  # a start from step 0
-        for moved in run_safety.set_aside_logs(run_dir):
+    if not any(p.name.isdigit() for p in paths.checkpoints.glob("*")):  # a start from step 0
+        for moved in run_state.set_aside_logs(run_dir):
             print0(f"fresh start: the earlier log is kept as {moved}")
     stop.on_exit = claim.release
 print0(f"run directory: {run_dir.resolve()}")
@@ -83,9 +83,9 @@ with common.exit_on_bad_input():  # every input is checked here, before anything
     train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
     test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
-    data_fp = {"train": run_safety.data_fingerprint(train_task), "test": run_safety.data_fingerprint(test_task)}
+    data_fp = {"train": run_state.data_fingerprint(train_task), "test": run_state.data_fingerprint(test_task)}
     if cfg.source != "demo":
-        model_config, params, tokenizer, policy_info = common.load_policy(
+        model_config, params, tokenizer, policy_info = run_state.load_policy(
             cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
             tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
         rollout.check_prompt_lengths(model_config, tokenizer, train_task, min(len(train_task), num_steps *
@@ -112,18 +112,18 @@ lrs = dict(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr, mat
 optimizer = optim.build_optimizer(model_config, weight_decay=cfg.weight_decay, num_steps=num_steps, **lrs)
 params = jax.device_put(params, sharding.replicated(mesh))
 opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
-ckpt = CheckpointManager(run_dir / "checkpoints")  # opening it deletes unfinished (killed) saves
+ckpt = CheckpointManager(paths.checkpoints)  # opening it deletes unfinished (killed) saves
 
 
 def forget_from(step: int):
     """Resuming at `step`: drop the RL log rows of steps >= step (they are redone; the demo's warm-start rows
     stay) and killed exports' temp files."""
-    if (run_dir / "metrics.jsonl").is_file():
+    if paths.metrics.is_file():
         rows = [r for r in read_metrics(run_dir) if r.get("phase") == "warmstart" or r.get("step", 0) < step]
-        tmp = run_dir / "metrics.jsonl.tmp"
+        tmp = paths.metrics.with_name(paths.metrics.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, run_dir / "metrics.jsonl")
-    for stale in (run_dir / "chatrl_checkpoints").glob("d*/.*.tmp-*"):
+        os.replace(tmp, paths.metrics)
+    for stale in paths.export.glob("d*/.*.tmp-*"):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
@@ -141,11 +141,11 @@ if cfg.resume and ckpt.latest_step() is not None:
             print0(f"warning: resuming from step {resume_at}, the newest intact checkpoint", file=sys.stderr)
         saved_meta = ckpt.read_meta(resume_at)
         allowed = check_resume_compatible(saved_meta["config"], cfg.to_dict())
-        if note := run_safety.check_data(saved_meta.get("data"), data_fp, cfg.allow_data_change):
+        if note := run_state.check_data(saved_meta.get("data"), data_fp, cfg.allow_data_change):
             print0(note, file=sys.stderr)
         state, meta = ckpt.restore(resume_at, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
                                    sharding=sharding.replicated(mesh))
-    except (CheckpointError, RunStateError) as e:
+    except RunStateError as e:
         raise SystemExit(f"error: {e}") from None
     params, opt_state = state["params"], state["opt_state"]
     start_step = meta["next_step"]
@@ -157,7 +157,7 @@ if cfg.resume and ckpt.latest_step() is not None:
             common.export_nanochat_or_warn(model_config, params, run_dir, meta["step"], policy_info)
     print0(f"resumed from {ckpt.directory} step {meta['step']} (next step {start_step}); safe changes: {allowed or 'none'}")
 elif cfg.resume:
-    print0(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}, starting from step 0")
+    print0(f"--resume: no complete checkpoint in {paths.checkpoints}, starting from step 0")
 elif ckpt.latest_step() is not None:
     raise SystemExit(f"error: {ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): pass "
                      "--resume to continue that run, or choose another run name or out_dir")
@@ -165,8 +165,8 @@ if start_step == 0 and (bad := nonfinite_leaves(params)):  # a restored state wa
     raise SystemExit(f"error: the policy from {cfg.checkpoint or cfg.source} holds NaN or inf in {len(bad)} tensors "
                      f"(first: {bad[0]}); training on it learns nothing: re-import or re-export a good checkpoint")
 if jax.process_index() == 0:
-    common.write_run_record(run_dir, model_config, policy_info)
-    save_config(cfg, run_dir / "config.toml")
+    run_state.write_run_record(run_dir, model_config, policy_info)
+    save_config(cfg, paths.config)
 writer = MetricsWriter(run_dir, cfg.run, cfg.to_dict())
 loss_spec = rl.LossSpec(cfg.device_batch_size, cfg.num_samples // cfg.device_batch_size, cfg.examples_per_step,
                         cfg.token_norm, cfg.train_chunk_rows)
@@ -201,9 +201,9 @@ def save(step: int):
         ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
         if cfg.export_nanochat and jax.process_index() == 0:
             common.export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
-    except (CheckpointError, OSError) as e:  # disk full, read-only folder: say where and why, keep the rest
-        print(f"error: {e}" if isinstance(e, CheckpointError) else f"error: the nanochat export of step {step} "
-              f"to {run_dir / 'chatrl_checkpoints'} failed ({type(e).__name__}: {e}); checkpoint step {step} is "
+    except (RunStateError, OSError) as e:  # disk full, read-only folder: say where and why, keep the rest
+        print(f"error: {e}" if isinstance(e, RunStateError) else f"error: the nanochat export of step {step} "
+              f"to {paths.export} failed ({type(e).__name__}: {e}); checkpoint step {step} is "
               "complete. Free disk space or fix permissions, then resume", file=sys.stderr, flush=True)
         sys.exit(4)
 
@@ -259,10 +259,10 @@ for step in bar:
     writer.log(row)
     print0(common.step_line(row, num_steps))
     zero_steps = zero_steps + [step] if row["reward"] == 0 else []
-    if warning := run_safety.zero_reward_warning(zero_steps, cfg.zero_reward_warn_steps, last_eval):
+    if warning := run_state.zero_reward_warning(zero_steps, cfg.zero_reward_warn_steps, last_eval):
         print0(warning, file=sys.stderr)
     bar.set_postfix(reward=f"{row['reward']:.3f}", pass1=f"{last_eval['pass@1']:.3f}" if last_eval else "-")
-    if run_safety.stop_for_nonfinite(consecutive_skips, cfg.max_nonfinite_skips):
+    if run_state.stop_for_nonfinite(consecutive_skips, cfg.max_nonfinite_skips):
         save(step)  # the skipped updates left params as the last good state
         print0(f"stopping: {consecutive_skips} consecutive non-finite steps (max_nonfinite_skips); "
                f"last good state saved as step {step} in {ckpt.directory}")
@@ -274,8 +274,8 @@ for step in bar:
             save(step)
         writer.close()
         print0(f"stopped by a signal after step {step}, saved as checkpoint step {step} in {ckpt.directory}; "
-               f"resume with:\n  {run_safety.resume_command(sys.argv)}")
-        sys.exit(run_safety.EXIT_PREEMPTED)
+               f"resume with:\n  {run_state.resume_command(sys.argv)}")
+        sys.exit(run_state.EXIT_PREEMPTED)
 
 # ------------------------------------------------------------------------------------------
 # Final evaluation (nanochat skips it; users want the final number) and report

@@ -86,7 +86,7 @@ def load_state(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
     one), read on one device whatever device count saved it."""
     import jax
 
-    from jaxrl.checkpoint import CheckpointManager
+    from jaxrl.run_state import CheckpointManager
 
     with CheckpointManager(Path(run_dir, "checkpoints")) as mgr:
         step = mgr.latest_step() if step is None else step

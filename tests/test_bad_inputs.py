@@ -23,8 +23,8 @@ from conftest import ARITH, REPO, SHARED
 
 from jaxrl import distributed
 from jaxrl.calculator import use_calculator
-from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible
-from jaxrl.checkpoint_io import CheckpointError as ImportCheckpointError, load_jaxrl_import, save_jaxrl_import
+from jaxrl.run_state import CheckpointError, CheckpointManager, check_resume_compatible, load_jaxrl_import, load_policy, \
+    save_jaxrl_import
 from jaxrl.config import ConfigError, RLConfig, load_config
 from jaxrl.model import GPTConfig
 from jaxrl.sampler import check_request
@@ -161,7 +161,7 @@ def test_checkpoint_structure_mismatch(tmp_path):
     with CheckpointManager(tmp_path / "ck") as mgr:
         mgr.save(0, _state(), {})
         wrong = {"params": {"w": jnp.ones((4, 5), jnp.float32)}, "step": np.int32(0)}
-        with raises(CheckpointError, str(tmp_path / "ck" / "0" / "state"), "params/w: expected float32[4, 5], found float32[4, 3]"):
+        with raises(CheckpointError, str(tmp_path / "ck" / "0" / "state"), "key 'params/w': expected shape (4, 5), found (4, 3)"):
             mgr.restore(abstract_state=wrong)
 
 
@@ -218,7 +218,7 @@ def test_checkpoint_meta_not_json(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# nanochat and import checkpoints (convert/, jaxrl/checkpoint_io.py, scripts/common.py)
+# nanochat and import checkpoints (convert/, jaxrl/run_state/)
 
 
 def _nanochat_dir(tmp_path, mutate):
@@ -265,48 +265,43 @@ def test_nanochat_misshapen_key(tmp_path):
 
 def test_import_dir_without_model_json(tmp_path):
     (tmp_path / "params").mkdir()
-    with raises(ImportCheckpointError, f"{tmp_path}: not a jaxrl import directory", "model.json is missing"):
+    with raises(CheckpointError, f"{tmp_path}: not a jaxrl import directory", "model.json is missing"):
         load_jaxrl_import(tmp_path)
 
 
 def test_import_dir_with_broken_model_json(tmp_path):
     write(tmp_path / "model.json", '{"model_config": ')
     (tmp_path / "params").mkdir()
-    with raises(ImportCheckpointError, str(tmp_path / "model.json"), "cannot read JSON", "line 1"):
+    with raises(CheckpointError, str(tmp_path / "model.json"), "cannot read JSON", "line 1"):
         load_jaxrl_import(tmp_path)
 
 
 def test_import_output_exists_or_fails_half_way(tmp_path, monkeypatch):
-    from jaxrl import checkpoint_io
+    from jaxrl.run_state import import_dir
     from jaxrl.model import init_params
 
     config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=4, vocab_size=64, sequence_len=32)
     params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
     write(tmp_path / "out" / "keep.txt", "mine")
-    with raises(ImportCheckpointError, f"output {tmp_path / 'out'} already exists", "--force"):
+    with raises(CheckpointError, f"output {tmp_path / 'out'} already exists", "--force"):
         save_jaxrl_import(tmp_path / "out", config, params, {})
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(checkpoint_io, "_write_json", disk_full)
+    monkeypatch.setattr(import_dir, "_write_json", disk_full)
     with raises(OSError, "No space left on device"):
         save_jaxrl_import(tmp_path / "new", config, params, {})
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no half-written output, no temporary folder
 
 
 def test_policy_path_does_not_exist(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import common
-
-    with raises(SystemExit, f"checkpoint {tmp_path / 'nope'} does not exist", os.getcwd()):
-        common.load_policy(tmp_path / "nope")
+    with raises(CheckpointError, f"checkpoint {tmp_path / 'nope'} does not exist", os.getcwd()):
+        load_policy(tmp_path / "nope")
 
 
 def test_policy_tokenizer_vocab_does_not_match_model(tmp_path):
     pytest.importorskip("torch")
-    sys.path.insert(0, str(REPO / "scripts"))
-    import common
     import tiktoken
 
     enc = tiktoken.Encoding(name="small", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -315,19 +310,16 @@ def test_policy_tokenizer_vocab_does_not_match_model(tmp_path):
                                  "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
                                  "<|output_end|>"])})
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(enc))
-    with raises(ImportCheckpointError, f"tokenizer {tmp_path / 'tokenizer.pkl'} has vocab size 265", "meta_000100.json",
+    with raises(CheckpointError, f"tokenizer {tmp_path / 'tokenizer.pkl'} has vocab size 265", "meta_000100.json",
                 "model_config.vocab_size = 2048"):
-        common.load_policy(ARITH, tokenizer_dir=tmp_path)
+        load_policy(ARITH, tokenizer_dir=tmp_path)
 
 
 def test_policy_generation_does_not_match():
     pytest.importorskip("torch")
-    sys.path.insert(0, str(REPO / "scripts"))
-    import common
-
-    with raises(ImportCheckpointError, str(ARITH / "chatsft_checkpoints" / "d4" / "model_000100.pt"),
+    with raises(CheckpointError, str(ARITH / "chatsft_checkpoints" / "d4" / "model_000100.pt"),
                 "generation 'gen-2025-10' was requested but the checkpoint's keys say gen-2026-07"):
-        common.load_policy(ARITH, generation="gen-2025-10")
+        load_policy(ARITH, generation="gen-2025-10")
 
 
 # ------------------------------------------------------------------------------------------

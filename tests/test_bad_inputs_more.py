@@ -15,8 +15,8 @@ import pytest
 import test_bad_inputs as base
 from conftest import ARITH, REPO
 
-from jaxrl import checkpoint_io, model, rollout
-from jaxrl.checkpoint_io import CheckpointError, load_jaxrl_import, save_jaxrl_import
+from jaxrl import model, rollout
+from jaxrl.run_state import CheckpointError, RunPaths, load_jaxrl_import, save_jaxrl_import
 from jaxrl.config import ConfigError, check_writable_dir, load_config
 from jaxrl.model import GPTConfig, init_params
 from jaxrl.tasks import open_task
@@ -101,7 +101,7 @@ def test_config_out_dir_not_writable(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# nanochat checkpoints and imports (convert/, jaxrl/checkpoint_io.py)
+# nanochat checkpoints and imports (convert/, jaxrl/run_state/)
 
 
 def test_nanochat_extra_tensor(tmp_path):
@@ -178,7 +178,7 @@ def test_import_directory_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert stat.S_IMODE((out / checkpoint_io.MODEL_JSON).stat().st_mode) == 0o644
+    assert stat.S_IMODE(RunPaths(out).model_json.stat().st_mode) == 0o644
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_dir()} == {0o755}
 
 

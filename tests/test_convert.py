@@ -24,7 +24,7 @@ from convert import CheckpointError, detect_generation, export_params, load_nano
 from convert import export_nanochat, import_nanochat  # noqa: E402
 from convert.export import SFT_META_FIELDS  # noqa: E402
 from convert.layout import find_last_step, find_model_tag  # noqa: E402
-from jaxrl.checkpoint_io import load_jaxrl_import  # noqa: E402
+from jaxrl.run_state import load_jaxrl_import  # noqa: E402
 from jaxrl.model import GPTConfig, flatten_params, forward, param_table, token_nll, unflatten_params  # noqa: E402
 
 # case -> (nanochat base dir, model tag, generation)
@@ -99,7 +99,7 @@ def test_import_dir_loads_like_the_checkpoint(tmp_path):
     ref_config, ref_params = load_nanochat(base)
     assert config == ref_config and info["generation"] == "gen-2026-01"
     assert_same_params(params, ref_params)
-    assert_same_params(load_nanochat(tmp_path / "imp")[1], ref_params)  # convert delegates to checkpoint_io
+    assert_same_params(load_nanochat(tmp_path / "imp")[1], ref_params)  # convert delegates to run_state
     record = json.loads((tmp_path / "imp" / "model.json").read_text())
     assert record["generation_reason"] == info["generation_reason"] and "softcap" in record["generation_reason"]
     assert record["source"]["dtypes"]["transformer.wte.weight"] == "bfloat16"

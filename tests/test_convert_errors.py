@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from conftest import FIXTURES  # noqa: E402
 from convert import CheckpointError, read_nanochat  # noqa: E402
 from convert import export_nanochat, import_nanochat  # noqa: E402
-from jaxrl import checkpoint_io  # noqa: E402
+from jaxrl.run_state import import_dir  # noqa: E402
 
 SRC = FIXTURES / "gen-2026-07" / "chatsft_checkpoints" / "d4"
 PADDED = FIXTURES / "gen-2026-07" / "padded_vocab"
@@ -178,7 +178,7 @@ def test_output_is_not_half_written_when_conversion_fails(tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(checkpoint_io, "copy_tokenizer", fail)
+    monkeypatch.setattr(import_dir, "copy_tokenizer", fail)
     with pytest.raises(OSError, match="simulated"):
         import_nanochat.main([str(SRC), "--out", str(tmp_path / "imp")])
     assert os.listdir(tmp_path) == []

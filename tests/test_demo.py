@@ -63,7 +63,7 @@ def test_metrics_rows_carry_phase_and_eval_comes_first(demo_run):
 
 @pytest.mark.slow
 def test_run_dir_artifacts(demo_run):
-    from jaxrl.checkpoint import CheckpointManager
+    from jaxrl.run_state import CheckpointManager
     from jaxrl.tokenizer import Tokenizer
 
     _, run_dir, proc = demo_run
@@ -89,7 +89,7 @@ def test_nanochat_export_loads(demo_run, tmp_path):
     import numpy as np
 
     from convert import export_nanochat, load_nanochat
-    from jaxrl.checkpoint_io import load_run_dir
+    from jaxrl.run_state import load_run_dir
     from jaxrl.model import flatten_params
 
     _, run_dir, _ = demo_run

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, trainer_env
 
-from jaxrl.checkpoint import CheckpointManager
+from jaxrl.run_state import CheckpointManager
 from jaxrl.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from convert.export import export_params  # noqa: E402
 from convert.hf_tokenizer import build_tokenizer_json  # noqa: E402
 from jaxrl import model as jaxrl_model  # noqa: E402
 from jaxrl import sampler  # noqa: E402
-from jaxrl.checkpoint_io import CheckpointError, load_jaxrl_import, save_jaxrl_import  # noqa: E402
+from jaxrl.run_state import CheckpointError, load_jaxrl_import, save_jaxrl_import  # noqa: E402
 from jaxrl.model import GPTConfig, forward, param_table  # noqa: E402
 from jaxrl.tokenizer import Tokenizer  # noqa: E402
 

@@ -3,7 +3,7 @@ state, the data fingerprint, the run-directory lock, a clean log on a restart fr
 non-finite and zero-reward watchdogs, and SIGTERM/SIGINT handling (docs/errors.md, "Run state,
 checkpoints and preemption").
 
-Run: python -m pytest -q tests/test_run_safety.py -m "not slow"   (the trainer runs are `slow`)
+Run: python -m pytest -q tests/test_run_state.py -m "not slow"   (the trainer runs are `slow`)
 """
 import json
 import os
@@ -24,12 +24,11 @@ import pytest
 from conftest import ARITH, REPO, SHARED, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, \
     trainer_env
 
-from jaxrl import checkpoint, run_safety
-from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible
-from jaxrl.checkpoint_io import CheckpointError as RunDirError, load_run_dir
+from jaxrl import run_state
+from jaxrl.run_state import CheckpointError, CheckpointManager, RunStateError, check_resume_compatible, load_run_dir
+from jaxrl.run_state import guard, train_state
 from jaxrl.config import RLConfig
 from jaxrl.metrics import read_metrics
-from jaxrl.run_safety import RunStateError
 from jaxrl.tasks import load_task
 from jaxrl.tasks.arith import ArithTask
 
@@ -109,12 +108,12 @@ def test_nonfinite_state_is_never_saved_nor_restored(tmp_path, monkeypatch):
                                                   "inf \\(first: params/b\\)"):
             mgr.save(1, bad, {})
         assert mgr.all_steps() == []
-        monkeypatch.setattr(checkpoint, "nonfinite_leaves", lambda tree: [])  # a checkpoint from elsewhere
+        monkeypatch.setattr(train_state, "nonfinite_leaves", lambda tree: [])  # a checkpoint from elsewhere
         mgr.save(1, bad, {})
         monkeypatch.undo()
         with pytest.raises(CheckpointError, match="holds NaN or inf in 1 leaves \\(first: params/b\\)"):
             mgr.restore(1, small_state(0))
-    assert run_safety.nonfinite_leaves({"a": np.ones(3), "n": np.arange(3), "i": jnp.array([1.0, jnp.inf])}) == ["i"]
+    assert run_state.nonfinite_leaves({"a": np.ones(3), "n": np.arange(3), "i": jnp.array([1.0, jnp.inf])}) == ["i"]
 
 
 def test_resume_accepts_the_same_path_relative_or_absolute(tmp_path, monkeypatch):
@@ -136,26 +135,26 @@ def _data_dir(path: Path, rows: list[dict]) -> Path:
 
 def test_data_fingerprint_sees_a_rewritten_answer(tmp_path):
     rows = [json.loads(line) for line in (SHARED / "data" / "arith" / "test.jsonl").read_text().splitlines()[:40]]
-    before = run_safety.data_fingerprint(load_task(_data_dir(tmp_path / "a", rows), "train"))
+    before = run_state.data_fingerprint(load_task(_data_dir(tmp_path / "a", rows), "train"))
     rows[17] = dict(rows[17], answer=rows[17]["answer"].rsplit("####", 1)[0] + "#### 123456")
-    after = run_safety.data_fingerprint(load_task(_data_dir(tmp_path / "b", rows), "train"))
+    after = run_state.data_fingerprint(load_task(_data_dir(tmp_path / "b", rows), "train"))
     assert before["rows"] == after["rows"] == 40 and before["sha256"] != after["sha256"]
-    assert run_safety.data_fingerprint(ArithTask("test")) == run_safety.data_fingerprint(ArithTask("test"))
-    assert run_safety.data_fingerprint(ArithTask("test", difficulty=1)) != run_safety.data_fingerprint(
+    assert run_state.data_fingerprint(ArithTask("test")) == run_state.data_fingerprint(ArithTask("test"))
+    assert run_state.data_fingerprint(ArithTask("test", difficulty=1)) != run_state.data_fingerprint(
         ArithTask("test"))
     saved, now = {"train": before, "test": before}, {"train": after, "test": before}
     with pytest.raises(RunStateError) as e:
-        run_safety.check_data(saved, now, allow_change=False)
+        run_state.check_data(saved, now, allow_change=False)
     msg = str(e.value)
     assert f"train: saved 40 rows, sha256 {before['sha256'][:16]}, now 40 rows, sha256 {after['sha256'][:16]}" in msg
     assert "test:" not in msg and "--allow_data_change" in msg
-    assert run_safety.check_data(saved, now, allow_change=True).startswith("warning: resuming on changed data")
-    assert run_safety.check_data(saved, saved, allow_change=False) is None
-    assert "no data fingerprint" in run_safety.check_data(None, now, allow_change=False)
+    assert run_state.check_data(saved, now, allow_change=True).startswith("warning: resuming on changed data")
+    assert run_state.check_data(saved, saved, allow_change=False) is None
+    assert "no data fingerprint" in run_state.check_data(None, now, allow_change=False)
 
 
 def _lock_of(proc: subprocess.Popen, **fields) -> dict:
-    return {"pid": proc.pid, "host": socket.gethostname(), "start_time": run_safety._start_time(proc.pid),
+    return {"pid": proc.pid, "host": socket.gethostname(), "start_time": guard._start_time(proc.pid),
             "started": "2026-01-01 00:00:00 UTC", **fields}
 
 
@@ -170,31 +169,31 @@ def sleeper():
 
 def test_run_dir_lock(tmp_path, sleeper):
     run_dir = tmp_path / "out" / "run"
-    claim = run_safety.claim_run_dir(run_dir)
+    claim = run_state.claim_run_dir(run_dir)
     assert claim.created == tmp_path / "out" and json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
     claim.release()  # failed before training: the folders it made go, the lock with them
     assert not (tmp_path / "out").exists()
     run_dir.mkdir(parents=True)
     (run_dir / "run.lock").write_text(json.dumps(_lock_of(sleeper)))
     with pytest.raises(RunStateError) as e:
-        run_safety.claim_run_dir(run_dir)
+        run_state.claim_run_dir(run_dir)
     assert f"run directory {run_dir} is in use by pid {sleeper.pid} on host {socket.gethostname()}" in str(e.value)
     assert f"rm {run_dir / 'run.lock'}" in str(e.value) and run_dir.is_dir()
     (run_dir / "run.lock").write_text(json.dumps(_lock_of(sleeper, host="elsewhere")))
     with pytest.raises(RunStateError, match="on host elsewhere .*jaxrl cannot check"):
-        run_safety.claim_run_dir(run_dir)
+        run_state.claim_run_dir(run_dir)
     (run_dir / "run.lock").write_text(json.dumps(_lock_of(sleeper, start_time="1")))  # pid reused since
-    run_safety.claim_run_dir(run_dir).release()
+    run_state.claim_run_dir(run_dir).release()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (run_dir / "run.lock").write_text(json.dumps(_lock_of(gone)))  # its holder is gone: stale
-    claim = run_safety.claim_run_dir(run_dir)
+    claim = run_state.claim_run_dir(run_dir)
     claim.training_started = True
     claim.release()
     assert run_dir.is_dir() and not (run_dir / "run.lock").exists()
     (run_dir / "run.lock").write_text("{trunc")
     with pytest.raises(RunStateError, match="cannot be read; if no other run uses this directory, delete the lock"):
-        run_safety.claim_run_dir(run_dir)
+        run_state.claim_run_dir(run_dir)
 
 
 def test_trainer_refuses_a_locked_run_dir(tmp_path, compile_cache, sleeper):
@@ -209,31 +208,31 @@ def test_trainer_refuses_a_locked_run_dir(tmp_path, compile_cache, sleeper):
 def test_a_restart_from_step_0_sets_the_old_log_aside(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
     (tmp_path / "tensorboard").mkdir()
-    moved = run_safety.set_aside_logs(tmp_path)
+    moved = run_state.set_aside_logs(tmp_path)
     assert [p.name.split("-restart-")[0] for p in moved] == ["metrics.before", "tensorboard.before"]
     assert moved[0].name.endswith(".jsonl") and moved[0].read_text() == '{"step": 0}\n'
-    assert not (tmp_path / "metrics.jsonl").exists() and run_safety.set_aside_logs(tmp_path) == []
+    assert not (tmp_path / "metrics.jsonl").exists() and run_state.set_aside_logs(tmp_path) == []
 
 
 def test_max_nonfinite_skips_0_never_stops():
-    stops = [[run_safety.stop_for_nonfinite(n, limit) for n in range(5)] for limit in (0, 1, 3)]
+    stops = [[run_state.stop_for_nonfinite(n, limit) for n in range(5)] for limit in (0, 1, 3)]
     assert stops == [[False] * 5, [False, True, True, True, True], [False, False, False, True, True]]
 
 
 def test_zero_reward_warning():
     zero_eval = {"step": 0, "pass@1": 0.0, "pass@2": 0.0}
-    assert run_safety.zero_reward_warning([3, 4], 3, zero_eval) is None
-    msg = run_safety.zero_reward_warning([3, 4, 5], 3, zero_eval)
+    assert run_state.zero_reward_warning([3, 4], 3, zero_eval) is None
+    msg = run_state.zero_reward_warning([3, 4, 5], 3, zero_eval)
     assert "reward was 0 on every sample for 3 consecutive steps (steps 3-5; the last eval (step 0) had pass@k 0" in msg
     assert "broken weights" in msg and "reward that never fires" in msg
-    assert "pass@1 0.250" in run_safety.zero_reward_warning([1, 2, 3], 3, {"step": 0, "pass@1": 0.25})
-    assert [run_safety.zero_reward_warning(list(range(n)), 3, None) is None for n in (4, 6)] == [True, False]
-    assert run_safety.zero_reward_warning(list(range(50)), 0, None) is None
+    assert "pass@1 0.250" in run_state.zero_reward_warning([1, 2, 3], 3, {"step": 0, "pass@1": 0.25})
+    assert [run_state.zero_reward_warning(list(range(n)), 3, None) is None for n in (4, 6)] == [True, False]
+    assert run_state.zero_reward_warning(list(range(50)), 0, None) is None
 
 
 SIGNALS = """
 import os, signal, sys, time
-from jaxrl.run_safety import StopSignal
+from jaxrl.run_state import StopSignal
 stop = StopSignal(on_exit=lambda: print("on_exit ran", flush=True))
 if sys.argv[1] == "training":
     stop.defer()
@@ -257,7 +256,7 @@ def test_signals_defer_once_then_exit_at_once(phase):
         assert "SIGTERM again: exiting now without saving" in proc.stderr
     else:
         assert "SIGTERM: stopping before the first step (nothing to save)" in proc.stderr
-    assert run_safety.resume_command(["scripts/train_rl.py", "--config", "a b.toml", "--resume"]) == \
+    assert run_state.resume_command(["scripts/train_rl.py", "--config", "a b.toml", "--resume"]) == \
         "python scripts/train_rl.py --config 'a b.toml' --resume"
 
 
@@ -278,7 +277,7 @@ def test_bit_rot_in_the_latest_checkpoint_falls_back_and_ends_identical(tmp_path
     run_dir, last = tmp_path / "ref", TINY_STEPS - 1
     shutil.copytree(reference_run, run_dir)
     xor_bytes(largest_file(run_dir / "checkpoints" / str(last) / "state"))
-    with pytest.raises(RunDirError, match=f"checkpoint step {last} of .* is damaged: .*sha256 mismatch.*use step "
+    with pytest.raises(CheckpointError, match=f"checkpoint step {last} of .* is damaged: .*sha256 mismatch.*use step "
                                           f"{last - 1}, the newest intact one"):
         load_run_dir(run_dir)
     proc = run_trainer(tmp_path, "ref", "--resume", env=trainer_env(compile_cache))
@@ -342,7 +341,7 @@ def test_signals_then_resume_end_bit_identical(tmp_path, reference_run, compile_
     _wait_for(proc, tmp_path / "2.log", lambda: list(run_dir.glob("metrics.before-restart-*"))  # the new log
               and any(r["step"] == k for r in _step_rows(run_dir)))
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == run_safety.EXIT_PREEMPTED
+    assert proc.wait(timeout=300) == run_state.EXIT_PREEMPTED
     log = (tmp_path / "2.log").read_text()
     assert "fresh start: the earlier log is kept as " in log and "Traceback" not in log
     stopped = CheckpointManager(run_dir / "checkpoints").all_steps()

@@ -1,6 +1,7 @@
 """Trainer checkpoints: orbax save and restore of the train state plus a JSON meta record.
 
-Owns the layout of `<run_dir>/checkpoints/`, written through orbax's `args=` CheckpointManager:
+Owns the layout of `<run_dir>/checkpoints/` (RunPaths.checkpoints), written through orbax's `args=`
+CheckpointManager:
 
     <step>/state/        orbax StandardSave of the state pytree (params, optax state, step, key data)
     <step>/meta/         orbax JsonSave of `meta` (resolved config under "config", data cursor, ...)
@@ -16,12 +17,11 @@ against the saved metadata, because orbax itself silently casts a dtype that dif
 
 Integrity: a save refuses a state holding NaN or inf, and ends by writing checksums.json; a
 restore first checks every file against it (`verify`), so bit rot, a truncated or deleted file,
-or a save cut short before its checksums landed is a CheckpointError naming the step and the
-file, never a silently wrong state. `newest_intact` finds the step a resume can use and moves
+or a save cut short before its checksums landed is a RunStateError naming the step and the
+file, never a silently wrong state. `resume_step` finds the step a resume can use and moves
 damaged newer steps aside into <run_dir>/damaged_checkpoints/ (nothing is deleted).
-(The nanochat export and the import layout of convert/ live in jaxrl/checkpoint_io.py.)
 
-    mgr = CheckpointManager(run_dir / "checkpoints", max_to_keep=3)
+    mgr = CheckpointManager(RunPaths(run_dir).checkpoints, max_to_keep=3)
     mgr.save(step, {"params": params, "opt_state": opt_state}, {"config": cfg.to_dict(), ...})
     state, meta = mgr.restore(abstract_state=jax.eval_shape(init_state), sharding=replicated(mesh))
 
@@ -40,11 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrl.config import RLConfig, save_config
-from jaxrl.run_safety import CHECKSUMS, checksum_problem, nonfinite_leaves, write_checksums
-
-STATE, META = "state", "meta"
-CONFIG_TOML = "config.toml"
-DAMAGED = "damaged_checkpoints"  # beside checkpoints/: steps a resume found damaged, kept for inspection
+from jaxrl.run_state.integrity import Leaf, check_tree, checksum_problem, nonfinite_leaves, write_checksums
+from jaxrl.run_state.paths import CHECKSUMS, CONFIG_TOML, META, STATE, RunPaths, RunStateError
 
 # RLConfig keys whose change makes a resumed run differ from an uninterrupted one.
 RESUME_BREAKING = (
@@ -65,15 +62,12 @@ RESUME_SAFE = (
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
 
-class CheckpointError(ValueError):
-    """A trainer checkpoint cannot be written, found or read; the message names the path."""
-
-
 class CheckpointManager:
     """Numbered checkpoints in `directory` (the run's checkpoints folder); all processes call every method."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
         self.directory = Path(directory).absolute()
+        self.damaged = RunPaths(self.directory.parent).damaged  # beside checkpoints/: damaged steps, kept
         self._verified: set[int] = set()  # steps whose files matched their checksums in this process
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
@@ -81,7 +75,7 @@ class CheckpointManager:
         try:
             self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
-            raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}; "
+            raise RunStateError(f"cannot open checkpoint directory {self.directory}: {e}; "
                                   "choose a writable out_dir") from e
 
     def latest_step(self) -> int | None:
@@ -97,18 +91,18 @@ class CheckpointManager:
         """Write `state` and `meta` as checkpoint `step`; returns once it is durable (its folder).
 
         `meta` must be JSON-able; a "config" entry must be a full RLConfig dict and is also
-        written as config.toml. Raises CheckpointError, leaving earlier steps intact, on any
+        written as config.toml. Raises RunStateError, leaving earlier steps intact, on any
         write failure (disk full, read-only folder), and when `step` already exists.
         """
         step = int(step)
         _check_state_leaves(state)
         bad = nonfinite_leaves(state)
         if bad:
-            raise CheckpointError(f"refusing to save checkpoint step {step}: {len(bad)} state leaves hold NaN or inf "
+            raise RunStateError(f"refusing to save checkpoint step {step}: {len(bad)} state leaves hold NaN or inf "
                                   f"(first: {bad[0]}); the previous checkpoint is the last good state")
         config = _meta_config(meta)
         if step in self.all_steps():
-            raise CheckpointError(f"checkpoint step {step} already exists at {self.step_dir(step)}; "
+            raise RunStateError(f"checkpoint step {step} already exists at {self.step_dir(step)}; "
                                   "save each step once (skip the save when step == latest_step())")
         previous = self.latest_step()
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)})
@@ -120,7 +114,7 @@ class CheckpointManager:
             # (max_to_keep bookkeeping runs first); the folders are intact, so re-read them.
             self._mgr.reload()
             kept = "no earlier checkpoint" if previous is None else f"step {previous} is intact"
-            raise CheckpointError(
+            raise RunStateError(
                 f"saving checkpoint step {step} to {self.step_dir(step)} failed ({kept}): "
                 f"{type(e).__name__}: {e}. Free disk space or fix the folder's permissions "
                 "(or pick another out_dir), then resume") from e
@@ -129,50 +123,50 @@ class CheckpointManager:
             try:
                 save_config(config, path)
             except OSError as e:
-                raise CheckpointError(f"checkpoint step {step} was saved, but writing {path} failed: "
+                raise RunStateError(f"checkpoint step {step} was saved, but writing {path} failed: "
                                       f"{e}; meta['config'] holds the same config") from e
         if jax.process_index() == 0:
             try:
                 write_checksums(self.step_dir(step))
             except OSError as e:
-                raise CheckpointError(f"checkpoint step {step} was saved, but writing its {CHECKSUMS} failed: {e}. "
+                raise RunStateError(f"checkpoint step {step} was saved, but writing its {CHECKSUMS} failed: {e}. "
                                       "Free disk space or fix permissions, then resume (it falls back to "
                                       "the newest checkpoint with checksums)") from e
         self._verified.add(step)
         return self.step_dir(step)
 
     def verify(self, step: int) -> None:
-        """Raise CheckpointError naming the step and the first bad file unless every file of `step`
+        """Raise RunStateError naming the step and the first bad file unless every file of `step`
         matches its checksums.json (each step is read once per manager)."""
         if step in self._verified:
             return
         problem = checksum_problem(self.step_dir(step))
         if problem:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
+            raise RunStateError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
         self._verified.add(step)
 
     def resume_step(self) -> tuple[int, list[str]]:
         """(the newest intact step, one note per damaged newer step, each moved into
-        <run_dir>/damaged_checkpoints/ so that it is redone). Raises CheckpointError naming every
+        <run_dir>/damaged_checkpoints/ so that it is redone). Raises RunStateError naming every
         damaged step and the command that starts the run again, moving nothing, if none is intact."""
         damaged = []
         for step in reversed(self.all_steps()):
             try:
                 self.verify(step)
-            except CheckpointError as e:
+            except RunStateError as e:
                 damaged.append((step, str(e)))
                 continue
             return step, [f"{why}; moved to {self.set_aside(s)}" for s, why in damaged]
         if not damaged:
-            raise CheckpointError(f"no checkpoint in {self.directory}; start without resume")
-        aside = self.directory.parent / DAMAGED
-        raise CheckpointError("no intact checkpoint to resume from:\n  - " + "\n  - ".join(why for _, why in damaged)
+            raise RunStateError(f"no checkpoint in {self.directory}; start without resume")
+        aside = self.damaged
+        raise RunStateError("no intact checkpoint to resume from:\n  - " + "\n  - ".join(why for _, why in damaged)
                               + f"\nTo start this run again from step 0 (keeping them), run: mv {self.directory} "
                               f"{aside if not aside.exists() else str(aside) + '-2'}")
 
     def set_aside(self, step: int) -> Path:
         """Move checkpoint `step` into <run_dir>/damaged_checkpoints/ (process 0); returns where it went."""
-        dest = self.directory.parent / DAMAGED / str(step)
+        dest = self.damaged / str(step)
         n = 1
         while dest.exists():
             dest, n = dest.with_name(f"{step}-{n}"), n + 1
@@ -188,7 +182,7 @@ class CheckpointManager:
         try:
             return self._mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         except Exception as e:
-            raise CheckpointError(f"cannot read the meta of {self.step_dir(step)}: {e}") from e
+            raise RunStateError(f"cannot read the meta of {self.step_dir(step)}: {e}") from e
 
     def restore(self, step: int | None = None, abstract_state: Any = None, *,
                 sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict]:
@@ -197,7 +191,7 @@ class CheckpointManager:
         `abstract_state`: `jax.eval_shape(...)` output or a concrete template (arrays). Each leaf
         comes back as a jax.Array placed with `sharding` if given, else with the leaf's own
         sharding, else on the first local device. Every leaf's path, shape and dtype must equal
-        the saved ones (else CheckpointError); optax namedtuple states keep their types.
+        the saved ones (else RunStateError); optax namedtuple states keep their types.
         """
         if abstract_state is None:
             raise TypeError("restore needs abstract_state: pass jax.eval_shape(make_state) or a "
@@ -209,13 +203,13 @@ class CheckpointManager:
         try:
             saved = self._mgr.item_metadata(step)[STATE]
         except Exception as e:
-            raise CheckpointError(f"cannot read the metadata of {where}: {e}") from e
-        _check_structure(target, getattr(saved, "tree", saved), where)
+            raise RunStateError(f"cannot read the metadata of {where}: {e}") from e
+        _check_structure(target, getattr(saved, "tree", saved), str(where))
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()})
         try:
             out = self._mgr.restore(step, args=args)
         except Exception as e:
-            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
+            raise RunStateError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
         return _finite_or_raise(out[STATE], self.step_dir(step)), out[META]
 
     def restore_saved(self, step: int | None = None) -> tuple[Any, dict]:
@@ -232,7 +226,7 @@ class CheckpointManager:
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 **{STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
         except Exception as e:
-            raise CheckpointError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
+            raise RunStateError(f"cannot restore {self.step_dir(step)}: {type(e).__name__}: {e}") from e
         return _finite_or_raise(out[STATE], self.step_dir(step)), out[META]
 
     def close(self) -> None:
@@ -248,23 +242,23 @@ class CheckpointManager:
         steps = self.all_steps()
         if step is None:
             if not steps:
-                raise CheckpointError(f"no checkpoint in {self.directory} (unfinished "
+                raise RunStateError(f"no checkpoint in {self.directory} (unfinished "
                                       "*.orbax-checkpoint-tmp* folders do not count); start without resume")
             return steps[-1]
         if int(step) not in steps:
-            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; saved steps: {steps}")
+            raise RunStateError(f"no checkpoint step {step} in {self.directory}; saved steps: {steps}")
         return int(step)
 
 
 # ------------------------------------------------------------------------------------------
-# Integrity (the checksums and the finiteness check live in jaxrl/run_safety.py)
+# Integrity (the checksums, the finiteness check and the tree check live in integrity.py)
 
 
 def _finite_or_raise(state: Any, where: Path) -> Any:
     bad = nonfinite_leaves(state)
     if bad:
-        raise CheckpointError(f"checkpoint {where} holds NaN or inf in {len(bad)} leaves (first: {bad[0]}); "
-                              f"do not use it: move it aside (mv {where} {where.parent.parent / DAMAGED}/) "
+        raise RunStateError(f"checkpoint {where} holds NaN or inf in {len(bad)} leaves (first: {bad[0]}); "
+                              f"do not use it: move it aside (mv {where} {RunPaths(where.parent.parent).damaged}/) "
                               "and resume from the step before")
     return state
 
@@ -325,29 +319,18 @@ def _path_str(path) -> str:
     return "/".join(parts) or "<root>"
 
 
-def _describe(x) -> str:
-    return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+def _leaves(tree: Any) -> dict[str, Leaf]:
+    """{'opt_state/0/mu/wte': Leaf(shape, dtype)} of a tree of arrays, abstract arrays or orbax ArrayMetadata."""
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    return {_path_str(p): Leaf(tuple(x.shape), np.dtype(x.dtype).name)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
-def _check_structure(target: Any, saved_tree: Any, where: Path) -> None:
-    """Raise CheckpointError naming the first differing leaf path (expected vs found)."""
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # orbax ArrayMetadata
-    want = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
-    have = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree, is_leaf=is_leaf)[0]}
-    problems = []
-    for path, x in want.items():
-        if path not in have:
-            problems.append(f"{path}: expected {_describe(x)}, not in the checkpoint")
-        elif tuple(have[path].shape) != tuple(x.shape) or np.dtype(have[path].dtype) != np.dtype(x.dtype):
-            problems.append(f"{path}: expected {_describe(x)}, found {_describe(have[path])}")
-    problems += [f"{path}: found {_describe(have[path])}, not in abstract_state"
-                 for path in have if path not in want]
-    if problems:
-        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise CheckpointError(
-            f"checkpoint {where} does not match abstract_state ({len(problems)} differing leaves); "
-            f"first: {problems[0]}\n  - " + "\n  - ".join(problems[:5]) + more
-            + "\nBuild abstract_state from the config saved in the checkpoint's meta.")
+def _check_structure(target: Any, saved_tree: Any, where: str) -> None:
+    """Raise RunStateError naming every differing leaf path (expected vs found)."""
+    want, have = _leaves(target), _leaves(saved_tree)
+    check_tree(want, have, where, "the saved state does not match abstract_state",
+               "Build abstract_state from the config saved in the checkpoint's meta.")
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,7 +354,7 @@ def check_resume_compatible(saved_config: dict, new_config: dict) -> list[str]:
         show = lambda d, k: repr(d[k]) if k in d else "<absent>"
         lines = [f"{k}: saved {show(saved_config, k)}, now {show(new_config, k)}"
                  + ("" if k in RESUME_BREAKING else " (not known to be safe)") for k in breaking]
-        raise CheckpointError(
+        raise RunStateError(
             "cannot resume: these config changes would make the run differ from an "
             "uninterrupted one:\n  - " + "\n  - ".join(lines)
             + "\nRestore the saved values (see config.toml in the checkpoint folder), or start a "

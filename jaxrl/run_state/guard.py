@@ -1,16 +1,11 @@
-"""Run safety: what keeps a run from losing work or training on garbage without saying so.
+"""Guarding a run: its directory lock, a fresh start's old logs, preemption signals, watchdogs.
 
-- Checksums: `write_checksums` lists the size and sha256 of every file of a checkpoint step in
-  <step>/checksums.json; `checksum_problem` re-reads them (jaxrl/checkpoint.py calls both).
-- Finite values: `nonfinite_leaves` names the float leaves holding NaN or inf (one jitted reduction).
-- Data fingerprint: `data_fingerprint` (row count + sha256 of the rows) is saved with every
-  checkpoint; `check_data` refuses a resume on changed data unless `allow_data_change`.
-- The run-directory lock: `claim_run_dir` creates <run_dir>/run.lock (pid, host, process start time),
-  refuses a directory another live process holds, replaces a stale lock, releases it at exit, and
-  removes a run directory it created when the run fails before its first step.
+- `claim_run_dir` creates <run_dir>/run.lock (pid, host, process start time), refuses a directory
+  another live process holds, replaces a stale lock, releases it at exit, and removes a run
+  directory it created when the run fails before its first step.
 - A fresh start (step 0) moves an earlier metrics.jsonl and tensorboard/ aside (`set_aside_logs`).
-- Preemption: `StopSignal` turns the first SIGTERM/SIGINT of the training loop into "finish this
-  step, save, exit EXIT_PREEMPTED"; a second one exits at once with 128 + the signal number.
+- `StopSignal` turns the first SIGTERM/SIGINT of the training loop into "finish this step, save,
+  exit EXIT_PREEMPTED"; a second one exits at once with 128 + the signal number.
 - Watchdogs: `stop_for_nonfinite` (max_nonfinite_skips, 0 = never stop) and
   `zero_reward_warning` (zero_reward_warn_steps steps in a row with reward 0).
 
@@ -19,7 +14,6 @@ Test: `python -m pytest -q tests/test_run_safety.py -m "not slow"` (the trainer-
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import shutil
@@ -28,112 +22,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
+from jaxrl.run_state.paths import RunPaths, RunStateError
 
-CHECKSUMS = "checksums.json"
-LOCK = "run.lock"
 EXIT_PREEMPTED = 5  # stopped by SIGTERM/SIGINT after saving; a second signal exits 128 + signum at once
-GENERATED_ROWS = 256  # a generated task (arith) is fingerprinted by its size and its first rows
-
-
-class RunStateError(ValueError):
-    """The run directory or its saved state cannot be used as asked; the message names the fix."""
-
-
-# ------------------------------------------------------------------------------------------
-# Checksums and finite values
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_checksums(step_dir: str | os.PathLike) -> None:
-    """<step_dir>/checksums.json: {"sha256": {relative path: [size, sha256]}} of every other file, atomically."""
-    step_dir = Path(step_dir)
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    record = {"sha256": {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _sha256(p)] for p in files}}
-    tmp = step_dir / f".{CHECKSUMS}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=0)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / CHECKSUMS)
-
-
-def checksum_problem(step_dir: str | os.PathLike) -> str | None:
-    """None if every file listed in <step_dir>/checksums.json has its saved size and sha256, else what is wrong."""
-    step_dir = Path(step_dir)
-    path = step_dir / CHECKSUMS
-    try:
-        listed = json.loads(path.read_text(encoding="utf-8"))["sha256"]
-        if not isinstance(listed, dict) or not listed:
-            raise ValueError("no files listed")
-        entries = [(rel, int(size), str(digest)) for rel, (size, digest) in listed.items()]
-    except FileNotFoundError:
-        return f"{path} is missing (its save was cut short, or jaxrl did not write checksums then)"
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError too
-        return f"{path} is unreadable, truncated or overwritten ({type(e).__name__}: {e})"
-    for rel, size, digest in entries:
-        f = step_dir / rel
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
-        if _sha256(f) != digest:
-            return f"{f} differs from the file saved (sha256 mismatch: bit rot or an overwrite)"
-    return None
-
-
-@jax.jit
-def _all_finite(leaves: list) -> list:
-    return [jnp.all(jnp.isfinite(x)) for x in leaves]
-
-
-def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths ('params/lm_head/weight') of the floating-point leaves of `tree` holding a NaN or an inf."""
-    flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    flags = jax.device_get(_all_finite([x for _, x in flat])) if flat else []
-    return [jax.tree_util.keystr(p, simple=True, separator="/") for (p, _), ok in zip(flat, flags) if not ok]
-
-
-# ------------------------------------------------------------------------------------------
-# Data fingerprint
-
-
-def data_fingerprint(task) -> dict:
-    """{"rows": number of rows, "sha256": of the rows in training order} of a task (GSM8K-format
-    rows from a file or the hub; a generated task by its size and its first GENERATED_ROWS rows)."""
-    rows = getattr(task, "rows", None)
-    if rows is None:
-        rows = [task[i] for i in range(min(len(task), GENERATED_ROWS))]
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-    return {"rows": int(task.num_examples()), "sha256": h.hexdigest()}
-
-
-def check_data(saved: dict | None, now: dict, allow_change: bool) -> str | None:
-    """Compare the {split: fingerprint} saved with a checkpoint to the data now. Raises RunStateError
-    on a change unless `allow_change`; returns a note to print (or None when nothing is to be said)."""
-    if saved is None:
-        return "note: the checkpoint has no data fingerprint (saved by an older jaxrl): the data is not checked"
-    show = lambda fp: f"{fp['rows']} rows, sha256 {fp['sha256'][:16]}" if fp else "<absent>"
-    changed = [f"{split}: saved {show(saved.get(split))}, now {show(now.get(split))}"
-               for split in dict.fromkeys([*saved, *now]) if saved.get(split) != now.get(split)]
-    if not changed:
-        return None
-    lines = "\n  - " + "\n  - ".join(changed)
-    if allow_change:
-        return f"warning: resuming on changed data (allow_data_change):{lines}"
-    raise RunStateError(f"cannot resume: the data differs from the data the checkpoint was trained on:{lines}\n"
-                        "Resume with the data the run started with, or pass --allow_data_change to go on with "
-                        "this data (the run then differs from an uninterrupted one)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,7 +107,7 @@ def claim_run_dir(run_dir: str | os.PathLike) -> RunClaim:
         while not created.parent.exists():
             created = created.parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
+    lock = RunPaths(run_dir).lock
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),
           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     for _ in range(3):
@@ -248,13 +140,13 @@ def claim_run_dir(run_dir: str | os.PathLike) -> RunClaim:
 def set_aside_logs(run_dir: str | os.PathLike) -> list[Path]:
     """A run starting at step 0: move an earlier metrics.jsonl and tensorboard/ to
     metrics.before-restart-<UTC time>.jsonl and tensorboard.before-restart-<UTC time>; returns the new paths."""
-    run_dir, stamp = Path(run_dir), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    paths, stamp = RunPaths(run_dir), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = []
-    for name, new in (("metrics.jsonl", f"metrics.before-restart-{stamp}.jsonl"),
-                      ("tensorboard", f"tensorboard.before-restart-{stamp}")):
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, run_dir / new)
-            moved.append(run_dir / new)
+    for old in (paths.metrics, paths.tensorboard):
+        new = old.with_name(f"{old.stem}.before-restart-{stamp}{old.suffix}")
+        if old.exists():
+            os.replace(old, new)
+            moved.append(new)
     return moved
 
 
