@@ -143,7 +143,7 @@ def test_config_command_line_syntax():
 
 
 # ------------------------------------------------------------------------------------------
-# Trainer checkpoints (jaxrl/checkpoint.py)
+# Trainer checkpoints (jaxrl/run_state/train_state.py)
 
 
 def _state():
