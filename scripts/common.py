@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 from jaxrl import tasks
 from jaxrl.run_state import RunPaths

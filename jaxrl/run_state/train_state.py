@@ -76,7 +76,7 @@ class CheckpointManager:
             self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except OSError as e:
             raise RunStateError(f"cannot open checkpoint directory {self.directory}: {e}; "
-                                  "choose a writable out_dir") from e
+                                "choose a writable out_dir") from e
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -99,11 +99,11 @@ class CheckpointManager:
         bad = nonfinite_leaves(state)
         if bad:
             raise RunStateError(f"refusing to save checkpoint step {step}: {len(bad)} state leaves hold NaN or inf "
-                                  f"(first: {bad[0]}); the previous checkpoint is the last good state")
+                                f"(first: {bad[0]}); the previous checkpoint is the last good state")
         config = _meta_config(meta)
         if step in self.all_steps():
             raise RunStateError(f"checkpoint step {step} already exists at {self.step_dir(step)}; "
-                                  "save each step once (skip the save when step == latest_step())")
+                                "save each step once (skip the save when step == latest_step())")
         previous = self.latest_step()
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)})
         try:
@@ -124,14 +124,14 @@ class CheckpointManager:
                 save_config(config, path)
             except OSError as e:
                 raise RunStateError(f"checkpoint step {step} was saved, but writing {path} failed: "
-                                      f"{e}; meta['config'] holds the same config") from e
+                                    f"{e}; meta['config'] holds the same config") from e
         if jax.process_index() == 0:
             try:
                 write_checksums(self.step_dir(step))
             except OSError as e:
                 raise RunStateError(f"checkpoint step {step} was saved, but writing its {CHECKSUMS} failed: {e}. "
-                                      "Free disk space or fix permissions, then resume (it falls back to "
-                                      "the newest checkpoint with checksums)") from e
+                                    "Free disk space or fix permissions, then resume (it falls back to "
+                                    "the newest checkpoint with checksums)") from e
         self._verified.add(step)
         return self.step_dir(step)
 
@@ -161,8 +161,8 @@ class CheckpointManager:
             raise RunStateError(f"no checkpoint in {self.directory}; start without resume")
         aside = self.damaged
         raise RunStateError("no intact checkpoint to resume from:\n  - " + "\n  - ".join(why for _, why in damaged)
-                              + f"\nTo start this run again from step 0 (keeping them), run: mv {self.directory} "
-                              f"{aside if not aside.exists() else str(aside) + '-2'}")
+                            + f"\nTo start this run again from step 0 (keeping them), run: mv {self.directory} "
+                            f"{aside if not aside.exists() else str(aside) + '-2'}")
 
     def set_aside(self, step: int) -> Path:
         """Move checkpoint `step` into <run_dir>/damaged_checkpoints/ (process 0); returns where it went."""
@@ -243,7 +243,7 @@ class CheckpointManager:
         if step is None:
             if not steps:
                 raise RunStateError(f"no checkpoint in {self.directory} (unfinished "
-                                      "*.orbax-checkpoint-tmp* folders do not count); start without resume")
+                                    "*.orbax-checkpoint-tmp* folders do not count); start without resume")
             return steps[-1]
         if int(step) not in steps:
             raise RunStateError(f"no checkpoint step {step} in {self.directory}; saved steps: {steps}")
@@ -258,8 +258,8 @@ def _finite_or_raise(state: Any, where: Path) -> Any:
     bad = nonfinite_leaves(state)
     if bad:
         raise RunStateError(f"checkpoint {where} holds NaN or inf in {len(bad)} leaves (first: {bad[0]}); "
-                              f"do not use it: move it aside (mv {where} {RunPaths(where.parent.parent).damaged}/) "
-                              "and resume from the step before")
+                            f"do not use it: move it aside (mv {where} {RunPaths(where.parent.parent).damaged}/) "
+                            "and resume from the step before")
     return state
 
 
