@@ -32,8 +32,10 @@ def _unfinished_saves(run_dir: Path) -> list[Path]:
 
 
 def _saved(step: int):
-    """Kill point: checkpoint `step` is complete (the trainer is now in step + 1's rollouts)."""
-    return lambda run_dir: (run_dir / "checkpoints" / str(step)).is_dir()
+    """Kill point: checkpoint `step` is complete, its checksums.json (written last) included: the trainer is
+    now in its nanochat export or step + 1's rollouts. (The folder alone appears before config.toml and the
+    checksums; a kill in that gap leaves a step that a resume rightly refuses, see test_run_safety.py.)"""
+    return lambda run_dir: (run_dir / "checkpoints" / str(step) / "checksums.json").is_file()
 
 
 def _saving(run_dir: Path) -> bool:
