@@ -15,7 +15,7 @@ params are read from its newest (or a given) checkpoint step, after its checksum
 trees are written and read by `write_tree` / `read_tree` (orbax's `args=` Checkpointer). See
 docs/checkpoints.md.
 
-Test: `pytest tests/test_convert.py -k import` (needs torch only to make the input).
+Test: `pytest tests/test_run_state.py tests/test_convert.py -k "import or before"` (torch only makes the input).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 (both hold model.json and tokenizer/; a run adds checkpoints/ and its logs, an import params/).
 No other module spells these names. The layout is described in jaxrl/run_state/__init__.py.
 
-Test: `python -m pytest -q tests/test_checkpoint.py -k paths`.
+Test: `python -m pytest -q tests/test_run_state.py`.
 """
 from __future__ import annotations
 
