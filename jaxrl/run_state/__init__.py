@@ -22,7 +22,7 @@ Modules, leaf first:
 - policy.py: `load_policy` from any checkpoint kind; `write_run_record`.
 - guard.py: the run-directory lock, a fresh start's old logs, preemption signals, watchdogs.
 
-Test: `python -m pytest -q tests/test_checkpoint.py tests/test_run_safety.py -m "not slow"`.
+Test: `python -m pytest -q tests/test_run_state.py tests/test_checkpoint.py tests/test_run_safety.py -m "not slow"`.
 """
 from jaxrl.run_state.paths import (
     CHECKSUMS, CONFIG_TOML, META, MODEL_JSON, PARAMS_DIR, STATE, TOKENIZER_DIR, TOKENIZER_FILES, CheckpointError,
