@@ -1,6 +1,6 @@
 """What `scripts/bench.py` runs on: the policy, tokenizer, task and calculator tool of one benchmark.
 
-With `--checkpoint` they are real: the checkpoint (scripts/common.load_policy), its tokenizer, a
+With `--checkpoint` they are real: the checkpoint (`load_policy`), its tokenizer, a
 GSM8K-format task from `--data-dir` (default ../shared/data/arith) and the calculator. With
 `--model d<N>` nothing needs a file: random params of nanochat's shapes, and tokenizer-free
 stand-ins: a synthetic tokenizer whose nine specials are the last nine vocab ids (nanochat's
@@ -21,12 +21,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import bench_device
-import common
-from jaxrl import sampler, sharding
+from benchmarks import device as bench_device
+from jaxrl import checkpoint_io, sampler, sharding, tasks
 from jaxrl.calculator import use_calculator
 from jaxrl.model import init_params
-from jaxrl.tokenizer import SPECIAL_TOKENS
+from jaxrl.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXRL_SHARED", REPO.parent / "shared"))
@@ -127,13 +126,13 @@ def load_context(args) -> Context:
     """The policy of `--checkpoint` or random params of `--model`, in `--dtype`, replicated on the mesh."""
     mesh = sharding.make_mesh()
     if args.checkpoint:
-        config, params, tokenizer, _ = common.load_policy(args.checkpoint)
+        config, params, tokenizer = load_policy(args.checkpoint)
         config = config.replace(compute_dtype=args.dtype)
         data_dir = Path(args.data_dir) if args.data_dir else SHARED / "data" / "arith"
         if not (data_dir / "train.jsonl").is_file():
             raise SystemExit(f"no GSM8K-format train.jsonl in {data_dir}: pass --data-dir DIR "
                              "(e.g. ../shared/data/arith)")
-        task = common.open_task(str(data_dir), str(data_dir), "train")
+        task = tasks.open_task(str(data_dir), str(data_dir), "train")
         model, tool_kind = str(args.checkpoint), "calculator"
     else:
         config = bench_device.nanochat_config(int(args.model[1:]), args.generation, args.dtype)
@@ -143,6 +142,32 @@ def load_context(args) -> Context:
         model, tool_kind = args.model, "scripted"
     params = jax.device_put(params, sharding.replicated(mesh))
     return Context(model, config, params, tokenizer, task, tool_kind, mesh)
+
+
+def load_policy(path) -> tuple:
+    """(GPTConfig, params, Tokenizer) of a jaxrl run dir (its latest checkpoint), a jaxrl import, or
+    anything nanochat writes (read through convert/, which needs torch), as train_rl accepts them."""
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"--checkpoint {p} does not exist (resolved against {Path.cwd()})")
+    try:
+        if checkpoint_io.is_run_dir(p):
+            config, params, info = checkpoint_io.load_run_dir(p)
+        elif checkpoint_io.is_jaxrl_import(p):
+            config, params, info = checkpoint_io.load_jaxrl_import(p)
+        else:
+            import convert  # torch: only for nanochat's own files
+
+            config, params, info = convert.read_nanochat(p)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"error: cannot load --checkpoint {p}: {e}") from None
+    tok_dir = p / checkpoint_io.TOKENIZER_DIR
+    if not (tok_dir / "tokenizer.pkl").is_file():
+        if not info.get("tokenizer_dir"):
+            raise SystemExit(f"no tokenizer found for {p}: give it a tokenizer/ folder holding nanochat's "
+                             "tokenizer.pkl")
+        tok_dir = Path(info["tokenizer_dir"])
+    return config, params, Tokenizer.from_directory(tok_dir)
 
 
 def random_params(config, seed: int):
