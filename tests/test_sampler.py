@@ -396,3 +396,5 @@ def test_left_pad_right_aligns_prompts_in_a_bucketed_block():
             assert pad[i] == T - len(p) and ids[i, pad[i]:].tolist() == p and not ids[i, : pad[i]].any()
         assert (pad[len(prompts):] == T - 1).all()
     assert sampler.left_pad(prompts)[0].shape[0] == len(prompts)
+    B = sampler.PROMPT_BUCKET  # the edges: a prompt of exactly one bucket, and of one token
+    assert sampler.left_pad([[7] * B])[0].shape == (1, B) and sampler.left_pad([[7]])[1].tolist() == [B - 1]
