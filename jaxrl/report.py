@@ -98,5 +98,5 @@ def _summary(rows) -> str:
         return ""
     start = "after warm start" if any(r.get("phase") == "warmstart" for r in rows) else "at RL step 0"
     a, b = evals[0], evals[-1]
-    return (f" | pass@1 {a['pass@1']:.3f} ({start}) -> {b['pass@1']:.3f} (after {b['step']} RL steps)"
-            + (f"; unbiased {a['unbiased_pass@1']:.3f} -> {b['unbiased_pass@1']:.3f}" if "unbiased_pass@1" in b else ""))
+    unbiased = f"; unbiased {a['unbiased_pass@1']:.3f} -> {b['unbiased_pass@1']:.3f}" if "unbiased_pass@1" in b else ""
+    return f" | pass@1 {a['pass@1']:.3f} ({start}) -> {b['pass@1']:.3f} (after {b['step']} RL steps)" + unbiased
