@@ -1,10 +1,11 @@
-"""Run logging: `print0`, and one writer for metrics.jsonl, TensorBoard events and (optionally) wandb.
+"""Run logging: `print0`, one writer for metrics.jsonl, TensorBoard events and (optionally) wandb,
+and train_rl's per-step row (`step_row`, `step_line`; the rl-step benchmark logs the very same row).
 
 Every row is a flat dict of scalars with `step`, `event` ("step" or "eval") and `phase`
 ("warmstart" or "rl"). Only process 0 writes. wandb is used only when the run name is not
 "dummy" and wandb is importable, as nanochat's DummyWandb rule.
 
-Test: `pytest tests/test_demo.py` (checks the files a run leaves).
+Test: `pytest tests/test_demo.py` (checks the files a run leaves) and `tests/test_bench.py -k rl-step`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import math
 from pathlib import Path
 
 import jax
+import numpy as np
+
+from jaxrl import distributed, optim
 
 from jaxrl.run_state.paths import RunPaths
 
@@ -97,3 +101,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def step_row(model_config, step: int, num_steps: int, res, m, *, reward_s: float, train_s: float,
+             lrs: dict | None = None) -> dict:
+    """train_rl's metrics row of one RL step: `res` a rollout.RoundResult of this process, `m` the
+    fetched rl.StepMetrics, `lrs` the base learning rates (optim.group_lrs keywords; None: nanochat's).
+    Reward and length are means over processes, generated tokens/s counts every process."""
+    row = {"step": step, "event": "step", "phase": "rl",
+           "reward": distributed.mean_scalar(float(res.rewards.mean())),
+           "seq_len": distributed.mean_scalar(float(np.mean([len(s) for s in res.sequences]))),
+           "loss": float(m.loss), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+           "logp_mismatch": float(m.logp_mismatch), "rollout_s": res.seconds, "reward_s": reward_s,
+           "train_s": train_s, "gen_tokens_per_s": distributed.sum_scalar(res.gen_tokens) / max(res.seconds, 1e-9),
+           "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
+    row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(model_config, step, num_steps=num_steps,
+                                                             **(lrs or {})).items()})
+    return row
+
+
+def step_line(row: dict, num_steps: int) -> str:
+    """nanochat's step line plus loss, throughput and timings."""
+    return (f"Step {row['step']}/{num_steps} | Average reward: {row['reward']:.4f} | Average sequence length: "
+            f"{row['seq_len']:.2f} | loss {row['loss']:.6f} | {row['gen_tokens_per_s']:.0f} tok/s | "
+            f"rollout {row['rollout_s']:.2f}s train {row['train_s']:.2f}s")

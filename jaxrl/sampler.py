@@ -271,6 +271,21 @@ def check_request(config, prompts, num_samples, max_new_tokens, temperature):
                              f"the model's context of {context} positions (10 x sequence_len {config.sequence_len})")
 
 
+def left_pad(prompts, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill block of `sample`: prompts (token-id lists) right-aligned in (rows, T) int32 ids,
+    T the longest prompt rounded up to PROMPT_BUCKET, so every row's next token goes to the same
+    slot; and each row's left padding (rows,). Rows past the prompts (default: none) are one-token
+    dummies."""
+    rows = len(prompts) if rows is None else rows
+    T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.zeros((rows, T), np.int32)
+    pad = np.full((rows,), T - 1, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = p
+        pad[i] = T - len(p)
+    return ids, pad
+
+
 def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0,
            tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None,
            compact: bool = True) -> tuple[Rollout, np.ndarray]:
@@ -287,12 +302,8 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
     example_ids = list(range(P)) if example_ids is None else list(example_ids)
     n_dev = 1 if mesh is None else sharding.data_size(mesh)
     P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; dropped below
-    T = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
-    ids = np.zeros((P_pad, T), np.int32)  # left-padded: every row's next token goes to the same slot
-    pad = np.full((P_pad,), T - 1, np.int32)  # dummy rows: one token
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = p
-        pad[i] = T - len(p)
+    ids, pad = left_pad(prompts, P_pad)
+    T = ids.shape[1]
     row_ids = np.zeros((P_pad, num_samples, 3), np.int32)
     row_ids[:, :, 0] = step
     row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]

@@ -23,9 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jaxrl.config import GENERATIONS, ConfigError, check_writable_dir  # noqa: E402  (no jax import yet)
+from jaxrl.config import GENERATIONS, ConfigError, check_writable_dir  # (no jax import yet)
 
 
 def parse_args(argv=None):
@@ -81,19 +79,18 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
-from jaxrl import model, rollout, run_state, sampler, sharding  # noqa: E402
+from jaxrl import model, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Policy and task
 
 mesh = sharding.make_mesh(jax.local_devices())
-with common.exit_on_bad_input():
+with run_state.exit_on_bad_input():
     model.attention_impl()
     config, params, tokenizer, info = run_state.load_policy(
         args.checkpoint, generation=args.generation, model_step=args.model_step, model_tag=args.model_tag,
         tokenizer_dir=args.tokenizer_dir, source=args.source)
-    task = common.open_task(args.task, args.data_dir, args.split, args.difficulty)
+    task = tasks.open_task(args.task, args.data_dir, args.split, difficulty=args.difficulty)
     n = len(task) if args.max_examples is None else min(args.max_examples, len(task))
     rollout.check_prompt_lengths(config, tokenizer, task, n, args.max_new_tokens, args.split)
 config = config.replace(compute_dtype=args.dtype)

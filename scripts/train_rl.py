@@ -24,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jaxrl.config import ConfigError, check_writable_dir, load_config, save_config  # noqa: E402  (no jax import yet)
+from jaxrl.config import ConfigError, check_writable_dir, load_config, save_config  # (no jax import yet)
 
 try:
     cfg = load_config(sys.argv[1:])
@@ -38,11 +36,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
-from jaxrl import distributed, model, optim, rl, rollout, run_state, sampler, sharding  # noqa: E402
-from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compatible, nonfinite_leaves  # noqa: E402
+from jaxrl import distributed, model, optim, rl, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 from jaxrl.config import format_config  # noqa: E402
-from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
+from jaxrl.metrics import MetricsWriter, print0, read_metrics, step_line, step_row  # noqa: E402
+from jaxrl.report import plot_run  # noqa: E402
+from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compatible, nonfinite_leaves  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Runtime: processes, devices, run directory
@@ -78,10 +76,10 @@ print0(format_config(cfg))
 # ------------------------------------------------------------------------------------------
 # Policy, tokenizer, tasks
 
-with common.exit_on_bad_input():  # every input is checked here, before anything is written
+with run_state.exit_on_bad_input():  # every input is checked here, before anything is written
     model.attention_impl()
-    train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
-    test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
+    train_task = tasks.open_task(cfg.task, cfg.data_dir, "train", difficulty=cfg.arith_difficulty)
+    test_task = tasks.open_task(cfg.task, cfg.data_dir, "test", difficulty=cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
     data_fp = {"train": run_state.data_fingerprint(train_task), "test": run_state.data_fingerprint(test_task)}
     if cfg.source != "demo":
@@ -113,6 +111,19 @@ optimizer = optim.build_optimizer(model_config, weight_decay=cfg.weight_decay, n
 params = jax.device_put(params, sharding.replicated(mesh))
 opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
 ckpt = CheckpointManager(paths.checkpoints)  # opening it deletes unfinished (killed) saves
+
+
+def export_nanochat_or_warn(model_config, params, run_dir, step, info):
+    """nanochat-format export to <run_dir>/chatrl_checkpoints/d<n_layer>/model_<step:06d>.pt (+ meta)."""
+    try:
+        import convert
+    except ImportError:
+        print(f"warning: torch is not installed, skipping the nanochat export of step {step} "
+              "(pip install -e '.[torch]' to enable it)", file=sys.stderr)
+        return None
+    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+    out = run_state.RunPaths(run_dir).export / f"d{model_config.n_layer}"
+    return convert.export_params(model_config, host, out, step, phase="rl", source_info=info.get("source"))
 
 
 def forget_from(step: int):
@@ -154,7 +165,7 @@ if cfg.resume and ckpt.latest_step() is not None:
     if jax.process_index() == 0:
         forget_from(start_step)
         if cfg.export_nanochat:  # a kill between the checkpoint and its export left no export of this step
-            common.export_nanochat_or_warn(model_config, params, run_dir, meta["step"], policy_info)
+            export_nanochat_or_warn(model_config, params, run_dir, meta["step"], policy_info)
     print0(f"resumed from {ckpt.directory} step {meta['step']} (next step {start_step}); safe changes: {allowed or 'none'}")
 elif cfg.resume:
     print0(f"--resume: no complete checkpoint in {paths.checkpoints}, starting from step 0")
@@ -200,7 +211,7 @@ def save(step: int):
     try:
         ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
         if cfg.export_nanochat and jax.process_index() == 0:
-            common.export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
+            export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
     except (RunStateError, OSError) as e:  # disk full, read-only folder: say where and why, keep the rest
         print(f"error: {e}" if isinstance(e, RunStateError) else f"error: the nanochat export of step {step} "
               f"to {paths.export} failed ({type(e).__name__}: {e}); checkpoint step {step} is "
@@ -248,7 +259,7 @@ for step in bar:
               f"and gradient were finite; nothing of it is saved, the last good state is checkpoint step "
               f"{ckpt.latest_step()}. Lower the learning rates, then resume", file=sys.stderr, flush=True)
         sys.exit(3)
-    row = common.step_row(model_config, step, num_steps, res, m, reward_s=reward_s, train_s=train_s, lrs=lrs)
+    row = step_row(model_config, step, num_steps, res, m, reward_s=reward_s, train_s=train_s, lrs=lrs)
     if m.skipped:
         consecutive_skips += 1
         print0(f"Step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}: update skipped "
@@ -257,7 +268,7 @@ for step in bar:
     else:
         consecutive_skips = 0
     writer.log(row)
-    print0(common.step_line(row, num_steps))
+    print0(step_line(row, num_steps))
     zero_steps = zero_steps + [step] if row["reward"] == 0 else []
     if warning := run_state.zero_reward_warning(zero_steps, cfg.zero_reward_warn_steps, last_eval):
         print0(warning, file=sys.stderr)
@@ -284,7 +295,5 @@ if start_step < last_step or last_eval is None:
     evaluate(last_step)
 writer.close()
 if jax.process_index() == 0:
-    from plot_metrics import plot_run
-
     print0(f"report: {plot_run(run_dir)}")
 print0(f"done: {run_dir.resolve()}")

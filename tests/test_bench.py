@@ -1,12 +1,15 @@
-"""scripts/bench.py: every subcommand runs its smallest configuration and ends with a complete JSON line.
+"""scripts/bench.py (the `benchmarks` package): every subcommand runs its smallest configuration and
+ends with a complete JSON line.
 
 Run: python -m pytest tests/test_bench.py -q   (about a minute on 2 CPU cores: the four benchmarks
 run at once, each in its own process on one CPU device)
 
 The figures themselves are not checked (they are timings); only that each run finishes, that its
 last stdout line is one JSON object carrying the keys external checks read, and that `--out`
-appends the same line. Plus the counting helpers on nanochat's published d20 shape.
+appends the same line. Plus the counting helpers on nanochat's published d20 shape, and that
+scripts/ and benchmarks/ import the library as installed and call only its public functions.
 """
+import ast
 import json
 import os
 import subprocess
@@ -15,10 +18,9 @@ import sys
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "scripts"))
-
-import bench_device  # noqa: E402
-import bench_floor  # noqa: E402
+from benchmarks import device as bench_device
+from benchmarks import floor as bench_floor
+from benchmarks import profiling
 
 COMMON_KEYS = ("device", "jax_version", "model", "dtype", "rows", "shapes", "ceilings", "date")
 TINY = {
@@ -97,8 +99,6 @@ def test_profile_summarises_a_real_trace(runs, name):
 def test_profile_self_times_of_nested_spans():
     """Self time = duration minus the spans nested in it on the same thread; waits, Python frames
     and the python thread are left out on a CPU; on an accelerator only the device's tracks count."""
-    import bench_profile
-
     def span(name, ts, dur, pid=1, tid=2):
         return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid}
 
@@ -108,12 +108,12 @@ def test_profile_self_times_of_nested_spans():
     cpu = meta + [span("fusion.1", 0, 100), span("dot.2", 10, 30), span("dot.2", 20, 10), span("fusion.1", 50, 20),
                   span("fusion.1", 200, 5, tid=4), span("Pool::Await", 60, 5), span("$py_frame", 0, 500),
                   span("on_python_thread", 0, 500, tid=3)]
-    times, counts = bench_profile.self_times(cpu)
+    times, counts = profiling.self_times(cpu)
     # fusion.1: 100 - 30 (dot) - 20 (nested fusion.1) + 20 (the nested one) + 5 (other thread)
     assert dict(times) == {"fusion.1": 75, "dot.2": 30} and dict(counts) == {"fusion.1": 3, "dot.2": 2}
     gpu = cpu + [{"ph": "M", "name": "process_name", "pid": 9, "args": {"name": "/device:GPU:0"}},
                  span("gemm_kernel", 0, 40, pid=9, tid=1), span("loop_fusion", 40, 7, pid=9, tid=1)]
-    times, _ = bench_profile.self_times(gpu)
+    times, _ = profiling.self_times(gpu)
     assert dict(times) == {"gemm_kernel": 40, "loop_fusion": 7}
 
 
@@ -195,3 +195,36 @@ def test_floor_runs_every_weight_matmul_of_a_decode_step():
     assert counts["weight_bytes_per_step"] == 4 * (config.n_layer * per_layer + V * D)
     out, acc = bench_floor.floor_loop(weights, x, 2)
     assert out.shape == x.shape and np.isfinite(float(acc))
+
+
+# Private library names the scripts and benchmarks still reach, each to be replaced by a public one.
+PRIVATE_IN_USE = {("benchmarks/training.py", "rl._grads_and_metrics")}
+
+
+def library_names(tree) -> set[str]:
+    """Names a module binds to jaxrl or convert modules (`from jaxrl import rl`, `import convert`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("jaxrl", "convert"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname or a.name for a in node.names if a.name.split(".")[0] in ("jaxrl", "convert")}
+    return names
+
+
+def test_scripts_and_benchmarks_use_the_library_as_installed():
+    """No file in scripts/ or benchmarks/ edits sys.path or imports a bench module by its old path,
+    and none calls a private (underscore) function of jaxrl or convert, except PRIVATE_IN_USE."""
+    found = set()
+    for path in sorted((REPO / "scripts").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")):
+        rel = str(path.relative_to(REPO))
+        tree = ast.parse(path.read_text(encoding="utf-8"), rel)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) != ("sys", "path"), f"{rel}:{node.lineno} touches sys.path"
+                if node.value.id in library_names(tree) and node.attr.startswith("_") and not node.attr.endswith("__"):
+                    found.add((rel, f"{node.value.id}.{node.attr}"))
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.startswith("bench_") for m in modules), f"{rel}:{node.lineno} imports {modules}"
+    assert found <= PRIVATE_IN_USE, f"private library calls: {sorted(found - PRIVATE_IN_USE)}"

@@ -376,3 +376,25 @@ def test_bad_requests_fail_before_compiling():
     huge = sampler.generate(config, params, tok, [ok], 2, 4, temperature=1.0, top_k=10**6, seed=1)
     full = sampler.generate(config, params, tok, [ok], 2, 4, temperature=1.0, top_k=config.vocab_size, seed=1)
     assert huge == full  # top_k above the vocabulary is clamped to it
+
+
+def test_left_pad_right_aligns_prompts_in_a_bucketed_block():
+    """The prefill block `sample` builds (and the sampler benchmark times): each prompt ends in the
+    last column, T is the longest prompt rounded up to PROMPT_BUCKET, pad counts the zeros before
+    each prompt, and rows past the prompts are one-token dummies."""
+    rng = np.random.default_rng(15)
+    for _ in range(20):
+        prompts = [rng.integers(1, 500, rng.integers(1, 3 * sampler.PROMPT_BUCKET)).tolist()
+                   for _ in range(rng.integers(1, 5))]
+        rows = len(prompts) + int(rng.integers(0, 3))
+        ids, pad = sampler.left_pad(prompts, rows)
+        longest = max(map(len, prompts))
+        T = ids.shape[1]
+        assert ids.shape == (rows, T) and ids.dtype == pad.dtype == np.int32
+        assert T % sampler.PROMPT_BUCKET == 0 and longest <= T < longest + sampler.PROMPT_BUCKET
+        for i, p in enumerate(prompts):
+            assert pad[i] == T - len(p) and ids[i, pad[i]:].tolist() == p and not ids[i, : pad[i]].any()
+        assert (pad[len(prompts):] == T - 1).all()
+    assert sampler.left_pad(prompts)[0].shape[0] == len(prompts)
+    B = sampler.PROMPT_BUCKET  # the edges: a prompt of exactly one bucket, and of one token
+    assert sampler.left_pad([[7] * B])[0].shape == (1, B) and sampler.left_pad([[7]])[1].tolist() == [B - 1]

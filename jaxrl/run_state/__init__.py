@@ -36,5 +36,5 @@ from jaxrl.run_state.import_dir import (
     copy_tokenizer, load_jaxrl_import, load_run_dir, read_model_json, read_tree, save_jaxrl_import, write_tree)
 from jaxrl.run_state.policy import load_policy, write_run_record
 from jaxrl.run_state.guard import (
-    EXIT_PREEMPTED, RunClaim, StopSignal, claim_run_dir, resume_command, set_aside_logs, stop_for_nonfinite,
-    zero_reward_warning)
+    EXIT_PREEMPTED, RunClaim, StopSignal, claim_run_dir, exit_on_bad_input, resume_command, set_aside_logs,
+    stop_for_nonfinite, zero_reward_warning)

@@ -8,12 +8,15 @@
   exit EXIT_PREEMPTED"; a second one exits at once with 128 + the signal number.
 - Watchdogs: `stop_for_nonfinite` (max_nonfinite_skips, 0 = never stop) and
   `zero_reward_warning` (zero_reward_warn_steps steps in a row with reward 0).
+- Bad inputs: inside `exit_on_bad_input()` a ValueError or OSError ends the script with its message
+  and exit status 1 (train_rl and eval_rl load every input there, before writing anything).
 
 Test: `python -m pytest -q tests/test_run_safety.py -m "not slow"` (the trainer-level cases are `slow`).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -206,3 +209,13 @@ def zero_reward_warning(streak: list[int], limit: int, last_eval: dict | None) -
             "(NaN or garbage in the checkpoint; try eval_rl.py on it) or a reward that never fires (answers the "
             "task cannot parse or the model cannot produce: check task and data_dir). zero_reward_warn_steps=0 "
             "silences this")
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """A bad input found while loading (a damaged checkpoint, an empty data file, a prompt that does not
+    fit) ends the script with its message and exit status 1, before the script writes anything."""
+    try:
+        yield
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError and RunStateError are ValueErrors
+        raise SystemExit(f"error: {e}") from None

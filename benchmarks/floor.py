@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-import bench_device
+from benchmarks import device as bench_device
 from jaxrl import model
 
 BLOCK_DOTS = (("attn", "c_q"), ("attn", "c_k"), ("attn", "c_v"), ("attn", "c_proj"), ("mlp", "c_fc"),

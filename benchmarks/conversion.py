@@ -23,9 +23,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import bench_device
-from bench_setup import REPO, random_params
+from benchmarks import device as bench_device
+from benchmarks.context import random_params
+import jaxrl
 from jaxrl import run_state
+
+PACKAGES = Path(jaxrl.__file__).resolve().parents[1]  # the folder this process imports jaxrl from
 
 # The peak is read from /proc/self/status VmHWM (KiB): after fork + exec, Linux's ru_maxrss of the
 # child also counts the parent's RSS at the fork, which would report this script's memory.
@@ -61,9 +64,9 @@ print(json.dumps({"load_s": t1 - t0, "export_s": t2 - t1, "baseline_kb": base, "
 
 
 def _child(code: str, *argv: str) -> dict:
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(PACKAGES), os.environ.get("PYTHONPATH", "")])  # jaxrl and convert, as here
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"conversion child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

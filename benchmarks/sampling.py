@@ -23,11 +23,10 @@ import time
 import jax
 import numpy as np
 
-import bench_device
-import bench_profile
-from bench_setup import make_tool
-from jaxrl import decode
-from jaxrl import sampler
+from benchmarks import device as bench_device
+from benchmarks import profiling
+from benchmarks.context import make_tool
+from jaxrl import decode, sampler
 
 
 def configurations(args) -> list[tuple[int, int]]:
@@ -53,13 +52,9 @@ def special_ids(ctx, ignore_eos: bool) -> sampler.SpecialIds:
 
 def time_prefill(ctx, prompts, repeats: int) -> float:
     """Median seconds of the sampler's prefill alone on the same left-padded prompt block."""
-    T = -(-max(len(p) for p in prompts) // sampler.PROMPT_BUCKET) * sampler.PROMPT_BUCKET
-    ids = np.zeros((len(prompts), T), np.int32)
-    pad = np.asarray([T - len(p) for p in prompts], np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = p
+    ids, pad = sampler.left_pad(prompts)
     fn = jax.jit(decode.prefill, static_argnums=(0, 4))
-    run = lambda: fn(ctx.config, ctx.params, ids, pad, T)  # noqa: E731
+    run = lambda: fn(ctx.config, ctx.params, ids, pad, ids.shape[1])  # noqa: E731
     jax.block_until_ready(run())
     return bench_device.median_time(run, repeats)[0]
 
@@ -99,7 +94,7 @@ def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
     out.update(decode_s=decode_s, bytes_per_step=bytes_step, achieved_bytes_per_s=achieved,
                mbu=achieved / ceil["bytes_per_s"])
     if args.profile:
-        out["profile"] = bench_profile.profile(args.profile, f"sampler_{P}x{S}", call)
+        out["profile"] = profiling.profile(args.profile, f"sampler_{P}x{S}", call)
     return out
 
 

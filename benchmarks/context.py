@@ -21,9 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import bench_device
-import common
-from jaxrl import run_state, sampler, sharding
+from benchmarks import device as bench_device
+from jaxrl import run_state, sampler, sharding, tasks
 from jaxrl.calculator import use_calculator
 from jaxrl.model import init_params
 from jaxrl.tokenizer import SPECIAL_TOKENS
@@ -127,14 +126,14 @@ def load_context(args) -> Context:
     """The policy of `--checkpoint` or random params of `--model`, in `--dtype`, replicated on the mesh."""
     mesh = sharding.make_mesh()
     if args.checkpoint:
-        with common.exit_on_bad_input():  # a bad checkpoint: its message and exit 1, as before
+        with run_state.exit_on_bad_input():  # a bad checkpoint: its message and exit 1
             config, params, tokenizer, _ = run_state.load_policy(args.checkpoint)
         config = config.replace(compute_dtype=args.dtype)
         data_dir = Path(args.data_dir) if args.data_dir else SHARED / "data" / "arith"
         if not (data_dir / "train.jsonl").is_file():
             raise SystemExit(f"no GSM8K-format train.jsonl in {data_dir}: pass --data-dir DIR "
                              "(e.g. ../shared/data/arith)")
-        task = common.open_task(str(data_dir), str(data_dir), "train")
+        task = tasks.open_task(str(data_dir), str(data_dir), "train")
         model, tool_kind = str(args.checkpoint), "calculator"
     else:
         config = bench_device.nanochat_config(int(args.model[1:]), args.generation, args.dtype)

@@ -3,7 +3,7 @@
 Owns the table of peak bf16 FLOP/s and memory bandwidth per device kind (overridden by
 `--measure-ceilings`: one large matmul and one large copy), the nanochat d<N> shapes of each
 generation, the FLOP count of a train step, the bytes one decode step reads, and the timing helper
-(warm-up first, then `block_until_ready`, median of repeats). No jaxrl state; imported by bench*.py.
+(warm-up first, then `block_until_ready`, median of repeats). No jaxrl state; imported by the other benchmark modules.
 
 Test: `pytest tests/test_bench.py`.
 """
