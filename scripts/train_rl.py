@@ -101,7 +101,7 @@ if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
     print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
-specials = sampler.SpecialIds.from_tokenizer(tokenizer)
+specials = tokenizer.specials
 tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)  # shared with the warm start
 
 # ------------------------------------------------------------------------------------------
