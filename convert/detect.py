@@ -8,7 +8,7 @@ Test: `pytest tests/test_convert.py -k detect`.
 from __future__ import annotations
 
 from jaxrl.checkpoint_io import CheckpointError
-from jaxrl.model import GENERATIONS
+from jaxrl.config import GENERATIONS
 
 # Appended to each reason: what the keys cannot tell apart.
 CAVEATS = {

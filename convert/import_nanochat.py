@@ -14,8 +14,8 @@ from pathlib import Path
 from convert.layout import SOURCE_DIRS
 from convert.load import read_nanochat
 from jaxrl.checkpoint_io import CheckpointError, save_jaxrl_import
-from jaxrl.config import check_writable_dir
-from jaxrl.model import GENERATIONS, flatten_params
+from jaxrl.config import GENERATIONS, check_writable_dir
+from jaxrl.model import flatten_params
 
 DESCRIPTION = """\
 Convert a nanochat checkpoint into a jaxrl import directory, loading it the way nanochat's

@@ -25,7 +25,7 @@ import bench_device
 import common
 from jaxrl import sampler, sharding
 from jaxrl.calculator import use_calculator
-from jaxrl.model import init_params
+from jaxrl.model import attention_impl, init_params
 from jaxrl.tokenizer import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,7 @@ def load_context(args) -> Context:
         tokenizer = SyntheticTokenizer(config.vocab_size)
         task = SyntheticTask(tokenizer, args.prompt_len, args.seed)
         model, tool_kind = args.model, "scripted"
+    config = config.replace(attention=attention_impl())  # einsum, or the JAXRL_ATTENTION override
     params = jax.device_put(params, sharding.replicated(mesh))
     return Context(model, config, params, tokenizer, task, tool_kind, mesh)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jaxrl.config import ConfigError, check_writable_dir, load_config, save_config  # noqa: E402  (no jax import yet)
+from jaxrl.config import ConfigError, check_writable_dir  # noqa: E402  (no jax import yet)
+from jaxrl.config_io import format_config, load_config, save_config  # noqa: E402
 
 try:
     cfg = load_config(sys.argv[1:])
@@ -41,7 +42,6 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from jaxrl import distributed, model, optim, rl, rollout, run_safety, sampler, sharding  # noqa: E402
 from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
-from jaxrl.config import format_config  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
 from jaxrl.run_safety import RunStateError, nonfinite_leaves  # noqa: E402
 
@@ -53,6 +53,8 @@ mesh = sharding.make_mesh()
 local_mesh = sharding.make_mesh(jax.local_devices())
 world = sharding.data_size(mesh)
 cfg.validate(world_size=jax.process_count())
+with common.exit_on_bad_input():  # JAXRL_ATTENTION overrides the key; the value used is saved with the run
+    cfg = cfg.replace(attention=model.attention_impl(cfg.attention))
 rows_per_device = cfg.examples_per_step * cfg.num_samples // world
 if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % cfg.device_batch_size:
     raise SystemExit(f"examples_per_step x num_samples = {cfg.examples_per_step * cfg.num_samples} rows do not split into "
@@ -79,7 +81,6 @@ print0(format_config(cfg))
 # Policy, tokenizer, tasks
 
 with common.exit_on_bad_input():  # every input is checked here, before anything is written
-    model.attention_impl()
     train_task = common.open_task(cfg.task, cfg.data_dir, "train", cfg.arith_difficulty)
     test_task = common.open_task(cfg.task, cfg.data_dir, "test", cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
@@ -96,7 +97,7 @@ if cfg.source == "demo":
     from jaxrl import warmstart
 
     model_config, params, tokenizer, policy_info = warmstart.demo_policy(cfg, run_dir, mesh)
-model_config = model_config.replace(compute_dtype=cfg.dtype)
+model_config = model_config.replace(compute_dtype=cfg.dtype, attention=cfg.attention)
 if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
     print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
