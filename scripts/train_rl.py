@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from jaxrl import distributed, model, optim, rl, rollout, run_safety, sampler, sharding  # noqa: E402
+from jaxrl import distributed, faults, model, optim, rl, rollout, run_safety, sampler, sharding  # noqa: E402
 from jaxrl.checkpoint import CheckpointError, CheckpointManager, check_resume_compatible  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
 from jaxrl.run_safety import RunStateError, nonfinite_leaves  # noqa: E402
@@ -212,8 +212,6 @@ def save(step: int):
 # ------------------------------------------------------------------------------------------
 # Training loop
 
-# Test hook of the non-finite path: JAXRL_INJECT_NAN_STEP="k" or "k1,k2,..." makes those steps' advantages NaN.
-inject_nan_steps = {int(k) for k in os.environ.get("JAXRL_INJECT_NAN_STEP", "").split(",") if k.strip()}
 last_step = min(num_steps, cfg.stop_after_steps or num_steps)  # a prefix of the schedule, or all of it
 bar = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=jax.process_index() != 0,
            desc="rl", dynamic_ncols=True)
@@ -233,8 +231,7 @@ for step in bar:
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
-    if step in inject_nan_steps:
-        batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
+    batch = faults.inject_nan_advantages(batch, step, writer)  # tests only (jaxrl/faults.py); inert otherwise
     batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
                                      cfg.train_skip_zero_advantage, cfg.num_samples)
     train_len = batch.inputs.shape[1]
