@@ -7,8 +7,9 @@ with the reference run; the hook's own tests are quick)
 
 NaNs come from the one fault-injection hook, jaxrl/faults.py: its environment variable
 (faults.NAN_STEPS_ENV, a comma-separated list of steps whose advantages become NaN) is set for the
-trainer subprocess only, and each injected step is announced on stderr and in metrics.jsonl. The full disk is simulated with RLIMIT_FSIZE: every write past 1 MB fails
-with EFBIG ("File too large"), which hits orbax's data files but not the small run files.
+trainer subprocess only, and each injected step is announced on stderr and in metrics.jsonl. The
+full disk is simulated with RLIMIT_FSIZE: every write past 1 MB fails with EFBIG ("File too
+large"), which hits orbax's data files but not the small run files.
 """
 import shutil
 import subprocess
@@ -51,7 +52,8 @@ def test_hook_poisons_the_listed_step_and_says_so(capsys):
     assert np.isnan(out.advantages).all() and out.advantages.dtype == np.float32 and out.inputs is batch.inputs
     assert writer.rows == [{"step": 3, "event": "test_fault", "phase": "rl", "fault": "nan_advantages",
                             "env": faults.NAN_STEPS_ENV}]
-    assert f"WARNING: test fault injected: step 3's advantages set to NaN by {faults.NAN_STEPS_ENV}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"WARNING: test fault injected: step 3's advantages set to NaN by {faults.NAN_STEPS_ENV}" in err
     with pytest.raises(ValueError, match=f"{faults.NAN_STEPS_ENV}='1;3' must list step numbers"):
         faults.nan_steps({faults.NAN_STEPS_ENV: "1;3"})
 
