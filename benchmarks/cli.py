@@ -25,6 +25,8 @@ import shlex
 import sys
 import warnings
 
+from jaxrl.config import GENERATIONS  # no jax import
+
 # (accelerator, CPU) defaults per subcommand; a flag left at None takes its platform's value
 DEFAULTS = {"model": ("d20", "d4"), "dtype": ("bfloat16", "float32"), "repeats": (3, 2), "prompt_len": (128, 32)}
 BENCH_DEFAULTS = {
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", choices=["d4", "d12", "d20", "d32"], help="nanochat shape, random params "
                         "(default d20 on accelerators, d4 on CPU)")
-    common.add_argument("--generation", default="gen-2025-10", choices=["gen-2025-10", "gen-2026-01", "gen-2026-07"])
+    common.add_argument("--generation", default="gen-2025-10", choices=GENERATIONS)
     common.add_argument("--checkpoint", help="a jaxrl import or run dir, or a nanochat base/checkpoint dir or .pt")
     common.add_argument("--data-dir", help="GSM8K-format task for --checkpoint (default ../shared/data/arith)")
     common.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default bfloat16 on "
@@ -113,7 +115,7 @@ def record(args, device, figures, config, ceil) -> dict:
     return {"bench": args.bench, "device": device.device_kind, "platform": device.platform,
             "n_devices": jax.device_count(), "jax_version": jax.__version__,
             "model": str(args.checkpoint) if args.checkpoint else args.model, "shapes": shapes,
-            "dtype": args.dtype, "attention": model.attention_impl(),
+            "dtype": args.dtype, "attention": config.attention if config is not None else model.attention_impl(),
             "rows": figures.pop("rows"), **figures, "ceilings": ceil,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": {"cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in load]},

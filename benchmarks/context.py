@@ -24,8 +24,8 @@ import numpy as np
 from benchmarks import device as bench_device
 from jaxrl import run_state, sampler, sharding, tasks
 from jaxrl.calculator import use_calculator
-from jaxrl.model import init_params
-from jaxrl.tokenizer import SPECIAL_TOKENS
+from jaxrl.model import attention_impl, init_params
+from jaxrl.tokenizer import SPECIAL_TOKENS, SpecialIds
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXRL_SHARED", REPO.parent / "shared"))
@@ -84,7 +84,7 @@ class SyntheticTask:
 class ScriptedTool:
     """Stands in for the calculator bridge when there is no tokenizer: forces three fixed tokens."""
 
-    def __init__(self, specials: sampler.SpecialIds, queue_len: int):
+    def __init__(self, specials: SpecialIds, queue_len: int):
         self.queue_len = queue_len
         self.forced = [specials.output_start, 0, specials.output_end][:queue_len]
 
@@ -115,7 +115,7 @@ class TimedTool:
 
 
 def make_tool(ctx: Context, queue_len: int) -> TimedTool:
-    specials = sampler.SpecialIds.from_tokenizer(ctx.tokenizer)
+    specials = SpecialIds.from_tokenizer(ctx.tokenizer)
     if ctx.tool_kind == "calculator":
         calc = functools.partial(use_calculator, generation=ctx.config.generation)
         return TimedTool(sampler.ToolBridge(ctx.tokenizer, calc, queue_len))
@@ -141,6 +141,7 @@ def load_context(args) -> Context:
         tokenizer = SyntheticTokenizer(config.vocab_size)
         task = SyntheticTask(tokenizer, args.prompt_len, args.seed)
         model, tool_kind = args.model, "scripted"
+    config = config.replace(attention=attention_impl())  # einsum, or the JAXRL_ATTENTION override
     params = jax.device_put(params, sharding.replicated(mesh))
     return Context(model, config, params, tokenizer, task, tool_kind, mesh)
 

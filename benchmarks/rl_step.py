@@ -20,6 +20,7 @@ from benchmarks import device as bench_device
 from benchmarks import profiling
 from benchmarks.context import make_tool
 from jaxrl import distributed, metrics, optim, rl, rollout, sampler, sharding
+from jaxrl.tokenizer import SpecialIds
 
 
 class TimedTask:
@@ -47,7 +48,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     dbs = min(args.device_batch_size, S)
     if S % dbs:
         raise SystemExit(f"--num-samples {S} must be a multiple of --device-batch-size {dbs}")
-    specials = sampler.SpecialIds.from_tokenizer(tok)
+    specials = SpecialIds.from_tokenizer(tok)
     tool = None if args.no_tool else make_tool(ctx, M + 2)
     task = TimedTask(ctx.task)
     num_steps = 1 + args.repeats

@@ -27,6 +27,7 @@ from benchmarks import device as bench_device
 from benchmarks import profiling
 from benchmarks.context import make_tool
 from jaxrl import decode, sampler
+from jaxrl.tokenizer import SpecialIds
 
 
 def configurations(args) -> list[tuple[int, int]]:
@@ -42,8 +43,8 @@ def configurations(args) -> list[tuple[int, int]]:
     return out
 
 
-def special_ids(ctx, ignore_eos: bool) -> sampler.SpecialIds:
-    specials = sampler.SpecialIds.from_tokenizer(ctx.tokenizer)
+def special_ids(ctx, ignore_eos: bool) -> SpecialIds:
+    specials = SpecialIds.from_tokenizer(ctx.tokenizer)
     if ignore_eos:  # an id outside the vocabulary is never sampled: every row runs to max_new_tokens
         never = ctx.config.vocab_size
         specials = dataclasses.replace(specials, bos=never, assistant_end=never)

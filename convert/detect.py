@@ -7,8 +7,8 @@ Test: `pytest tests/test_convert.py -k detect`.
 """
 from __future__ import annotations
 
+from jaxrl.config import GENERATIONS
 from jaxrl.run_state import CheckpointError
-from jaxrl.model import GENERATIONS
 
 # Appended to each reason: what the keys cannot tell apart.
 CAVEATS = {

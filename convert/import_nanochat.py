@@ -13,9 +13,9 @@ from pathlib import Path
 
 from convert.layout import SOURCE_DIRS
 from convert.load import read_nanochat
+from jaxrl.config import GENERATIONS, check_writable_dir
+from jaxrl.model import flatten_params
 from jaxrl.run_state import CheckpointError, save_jaxrl_import
-from jaxrl.config import check_writable_dir
-from jaxrl.model import GENERATIONS, flatten_params
 
 DESCRIPTION = """\
 Convert a nanochat checkpoint into a jaxrl import directory, loading it the way nanochat's

@@ -30,7 +30,8 @@ import ast
 import operator
 import warnings
 
-GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
+from jaxrl.config import GENERATIONS
+
 DEFAULT_GENERATION = "gen-2026-07"
 
 # Character sets and forbidden substrings are verbatim from nanochat (they *are* the behaviour).

@@ -1,36 +1,36 @@
 """RLConfig: every hyperparameter of nanochat's `scripts/chat_rl.py`, plus jaxrl's own options.
 
-Owns the frozen dataclass; loading it from `--config FILE` (TOML via tomllib; nanochat-style
-`key = value` lines are valid TOML) plus `--key=value` / `--key value` overrides; type and
-cross-field checks; rendering as TOML. Imports no jax and no other jaxrl module.
+Owns the frozen dataclass and its checks: each field carries its help, its choices and its range
+check; `validate` adds the checks that span fields. Also the strict reading of a dict (from_dict:
+unknown keys and wrong types raise) and the one list of nanochat generations. Reading `--config
+FILE` plus `--key=value` overrides and writing config.toml live in jaxrl/config_io.py. Imports no
+jax and no other jaxrl module, so every module (and a script before it imports jax) may import it.
 Test: `python -m pytest -q tests/test_config.py`.
 
-    cfg = load_config(sys.argv[1:])       # file first, then every CLI override (CLI wins)
-    cfg.validate(world_size=n_data)       # data-parallel checks once the mesh is known
-    print(format_config(cfg)); save_config(cfg, out / "config.toml")
+    cfg = RLConfig(num_samples=8)           # type and range checks run here
+    cfg.validate(world_size=n_data)         # data-parallel checks once the mesh is known
 
-Keys accept `-` and `_` alike (`--device-batch-size 8` == `--device_batch_size=8`). TOML has no
-null: a None-valued (Optional) key is unset by omitting it from the file, or with `--key=none` on
-the command line. Relative paths (checkpoint, tokenizer_dir, task, data_dir, out_dir) are kept as
-written and resolved against the CURRENT WORKING DIRECTORY when used; run from the repo root.
-The per-field help below is the single source of `docs/configs.md` (scripts/gen_config_docs.py).
+TOML has no null: a None-valued (Optional) key is unset by omitting it. Relative paths
+(checkpoint, tokenizer_dir, task, data_dir, out_dir) are kept as written and resolved against the
+CURRENT WORKING DIRECTORY when used; run from the repo root. The per-field help below is the
+single source of `docs/configs.md` (scripts/gen_config_docs.py).
 """
 import dataclasses
 import difflib
-import json
+import math
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
-GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
+GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")  # nanochat's, docs/nanochat.md#generations
 SOURCES = ("sft", "mid", "demo")
 ADVANTAGES = ("mean", "zscore")
 TOKEN_NORMS = ("pass", "global")
 BUILTIN_TASKS = ("gsm8k", "arith", "demo")
+ATTENTIONS = ("einsum", "xla", "cudnn")  # full-sequence attention kernels (jaxrl.model.full_attention)
 
 
 class ConfigError(ValueError):
@@ -49,14 +49,28 @@ class ConfigValueError(ConfigError):
     """A value (or combination of values) outside its allowed range."""
 
 
-def _f(default, help: str, origin: str = "jaxrl", choices: tuple = ()):
+# Range checks a field names in its definition: (ok(value), what the value must be[, the fix]).
+# A None value (an unset Optional key) is never checked.
+POSITIVE = (lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+RATE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+SEED = (lambda v: 0 <= v < 2**32, "in [0, 2**32) (sampling keys are 32-bit)")
+DIFFICULTY = (lambda v: 1 <= v <= 3, "1, 2 or 3")
+RUN_NAME = (lambda v: v.strip() not in ("", ".", "..") and "/" not in v,
+            "a folder name (the run directory is <out_dir>/<run>)", 'set run = "my-run"')
+TASK = (lambda v: bool(v.strip()), ", ".join(f'"{t}"' for t in BUILTIN_TASKS) + " or a directory")
+HOST_PORT = (lambda v: ":" in v, "host:port")
+
+
+def _f(default, help: str, origin: str = "jaxrl", choices: tuple = (), check: tuple | None = None):
     if choices:
         help += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
-    return field(default=default, metadata={"help": help, "origin": origin, "choices": choices})
+    return field(default=default, metadata={"help": help, "origin": origin, "choices": choices, "check": check})
 
 
-def _nc(default, help: str, choices: tuple = ()):
-    return _f(default, help, origin="nanochat", choices=choices)
+def _nc(default, help: str, choices: tuple = (), check: tuple | None = None):
+    return _f(default, help, origin="nanochat", choices=choices, check=check)
 
 
 @dataclass(frozen=True)
@@ -65,51 +79,51 @@ class RLConfig:
 
     # ---- nanochat scripts/chat_rl.py (docs/nanochat.md#hyperparameters) ----
     run: str = _nc("dummy", 'Run name for logging and the run folder <out_dir>/<run> (a folder name, no "/"); '
-                   '"dummy" disables wandb (as nanochat).')
+                   '"dummy" disables wandb (as nanochat).', check=RUN_NAME)
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
                       'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py), and '
                       "checkpoint, generation, model_tag, model_step, tokenizer_dir must stay unset.", SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
-    device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).")
+    device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).", check=POSITIVE)
     examples_per_step: int = _nc(16, "Questions per optimizer step, summed over all data-parallel "
-                                 "ranks; must be divisible by their number.")
-    num_samples: int = _nc(16, "Samples per question; a multiple of device_batch_size.")
-    max_new_tokens: int = _nc(256, "Generation budget in tokens per sample.")
-    temperature: float = _nc(1.0, "Sampling temperature for rollouts and pass@k; 0 is greedy.")
-    top_k: int = _nc(50, "Top-k sampling for rollouts and pass@k; 0 disables the top-k filter.")
-    unembedding_lr: float = _nc(0.004, "Base learning rate of lm_head (AdamW).")
-    embedding_lr: float = _nc(0.2, "Base learning rate of wte and value embeddings (AdamW).")
-    matrix_lr: float = _nc(0.02, "Base learning rate of the transformer matrices (Muon).")
+                                 "ranks; must be divisible by their number.", check=POSITIVE)
+    num_samples: int = _nc(16, "Samples per question; a multiple of device_batch_size.", check=POSITIVE)
+    max_new_tokens: int = _nc(256, "Generation budget in tokens per sample.", check=POSITIVE)
+    temperature: float = _nc(1.0, "Sampling temperature for rollouts and pass@k; 0 is greedy.", check=RATE)
+    top_k: int = _nc(50, "Top-k sampling for rollouts and pass@k; 0 disables the top-k filter.", check=NON_NEGATIVE)
+    unembedding_lr: float = _nc(0.004, "Base learning rate of lm_head (AdamW).", check=RATE)
+    embedding_lr: float = _nc(0.2, "Base learning rate of wte and value embeddings (AdamW).", check=RATE)
+    matrix_lr: float = _nc(0.02, "Base learning rate of the transformer matrices (Muon).", check=RATE)
     weight_decay: float = _nc(0.0, "Weight decay passed to the optimizer setup (meaning per "
-                              "generation, docs/nanochat.md#optimizer-groups).")
+                              "generation, docs/nanochat.md#optimizer-groups).", check=RATE)
     init_lr_frac: float = _nc(0.05, "Every group's lr is multiplied by this once at the start; "
-                              "then decays linearly as 1 - step/num_steps.")
-    num_epochs: int = _nc(1, "Passes over the training set (used to derive num_steps).")
-    save_every: int = _nc(60, "Save a checkpoint every this many steps (and after the last one).")
-    eval_every: int = _nc(60, "Run pass@k on the test split every this many steps (from step 0).")
-    eval_examples: int = _nc(400, "Test questions used by pass@k (capped at the split size).")
+                              "then decays linearly as 1 - step/num_steps.", check=FRACTION)
+    num_epochs: int = _nc(1, "Passes over the training set (used to derive num_steps).", check=POSITIVE)
+    save_every: int = _nc(60, "Save a checkpoint every this many steps (and after the last one).", check=POSITIVE)
+    eval_every: int = _nc(60, "Run pass@k on the test split every this many steps (from step 0).", check=POSITIVE)
+    eval_examples: int = _nc(400, "Test questions used by pass@k (capped at the split size).", check=POSITIVE)
 
     # ---- jaxrl: what to load and where to write ----
     checkpoint: str | None = _f(None, "What to start from: a jaxrl import dir, a nanochat base dir "
                                 "(NANOCHAT_BASE_DIR layout), a nanochat checkpoint dir, or a .pt file.")
     model_tag: str | None = _f(None, 'nanochat model tag ("d20"); None = largest d<N>, as nanochat.')
-    model_step: int | None = _f(None, "nanochat checkpoint step; None picks the last one.")
+    model_step: int | None = _f(None, "nanochat checkpoint step; None picks the last one.", check=NON_NEGATIVE)
     generation: str | None = _f(None, "nanochat generation that wrote the checkpoint (the state "
                                 "dict does not record it, docs/nanochat.md#generations).", choices=GENERATIONS)
     tokenizer_dir: str | None = _f(None, "Folder holding tokenizer.pkl; None = next to the "
                                    "checkpoint, where nanochat keeps it (<base>/tokenizer).")
     task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", "demo", or a directory holding '
-                   "train.jsonl and test.jsonl in GSM8K's format.")
+                   "train.jsonl and test.jsonl in GSM8K's format.", check=TASK)
     data_dir: str | None = _f(None, "Local train.jsonl/test.jsonl for the named task; None = the hub.")
     out_dir: str = _f("runs", "Where checkpoints, logs and config.toml are written (<out_dir>/<run>).")
-    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass); below 2**32.")
+    seed: int = _f(0, "Seed of rollout sampling keys (folded with step, example and pass); below 2**32.", check=SEED)
     num_steps: int | None = _f(None, "Optimizer steps; None = nanochat's "
-                               "(len(train) // examples_per_step) * num_epochs.")
+                               "(len(train) // examples_per_step) * num_epochs.", check=POSITIVE)
     stop_after_steps: int | None = _f(None, "Stop after this many steps (then save and evaluate) while "
                                       "the LR schedule still runs over num_steps: the first part of a "
                                       "longer run, as a nanochat run stopped early. None = run all "
-                                      "num_steps; resume with a larger value to go on.")
+                                      "num_steps; resume with a larger value to go on.", check=POSITIVE)
     resume: bool = _f(False, "Continue from the latest checkpoint in <out_dir>/<run>.")
 
     # ---- jaxrl: deliberate, documented departures from nanochat (defaults = nanochat) ----
@@ -124,41 +138,50 @@ class RLConfig:
                                "or more rows) per forward/backward on each device; 0 = device_batch_size "
                                "(at most nanochat's memory use). Larger is faster on accelerators, smaller "
                                "wastes less of the last chunk; the loss is still normalised per "
-                               "device_batch_size pass, whatever this is.")
+                               "device_batch_size pass, whatever this is.", check=NON_NEGATIVE)
     train_skip_zero_advantage: bool = _f(True, "Leave rows whose advantage is exactly 0 out of the "
                                          "forward/backward: their gradient is exactly 0 and their tokens "
                                          "still count in the normalisation, so the update is nanochat's; "
                                          "logp_mismatch then covers the rows trained on.")
     eval_num_samples: int | None = _f(None, "pass@k samples per question (k = 1..this); "
-                                      "None = device_batch_size, as nanochat.")
+                                      "None = device_batch_size, as nanochat.", check=POSITIVE)
     eval_seed: int = _f(42, "Sampling seed of pass@k, the same for every question and every "
-                        "evaluation (nanochat: 42).")
+                        "evaluation (nanochat: 42).", check=SEED)
     eval_shared_keys: bool = _f(True, "pass@k samples every question with the same keys, as nanochat (seed 42 "
                                 "per question); false: independent keys per question, a far less noisy pass@1.")
     max_nonfinite_skips: int = _f(3, "A step with a non-finite loss or gradient is skipped; stop "
                                   "with an error (exit 3, last good state saved) after this many "
-                                  "consecutive ones; 0 = never stop, skip every such step.")
+                                  "consecutive ones; 0 = never stop, skip every such step.", check=NON_NEGATIVE)
     zero_reward_warn_steps: int = _f(10, "Warn when the reward was 0 on every sample for this many "
                                      "consecutive steps (nothing is learned: broken weights or a reward "
-                                     "that never fires), and again every as many steps; 0 = never warn.")
+                                     "that never fires), and again every as many steps; 0 = never warn.",
+                                     check=NON_NEGATIVE)
     allow_data_change: bool = _f(False, "Let --resume go on when the train or test data differs from the "
                                  "fingerprint (row count + sha256) saved with the checkpoint.")
-    log_every: int = _f(1, "Print and log the step metrics every this many steps.")
+    log_every: int = _f(1, "Print and log the step metrics every this many steps.", check=POSITIVE)
     export_nanochat: bool = _f(True, "Also write nanochat-format .pt checkpoints (needs torch).")
 
     # ---- jaxrl: the built-in task and the demo's warm start (source = "demo") ----
-    arith_difficulty: int = _f(2, 'Built-in "arith"/"demo" task: the most calculator steps per problem (1-3).')
+    arith_difficulty: int = _f(2, 'Built-in "arith"/"demo" task: the most calculator steps per problem (1-3).',
+                               check=DIFFICULTY)
     warmstart_steps: int = _f(600, "Most supervised warm-start steps of the demo model before RL.")
     warmstart_batch_size: int = _f(32, "Demonstrations per warm-start step (a multiple of device_batch_size).")
     warmstart_eval_every: int = _f(50, "Run pass@k (as the RL eval) every this many warm-start steps.")
     warmstart_pass1_min: float = _f(0.3, "The warm start stops at the first eval whose pass@1 reaches this.")
     warmstart_pass1_max: float = _f(0.5, "Top of the pass@1 band RL should start from; overshooting it is reported.")
 
+    # ---- jaxrl: kernels ----
+    attention: str = _f("einsum", "Attention of training and prefill (decoding always uses the sampler's cache "
+                        'einsums): "einsum" (jaxrl\'s own einsums, the measured path), "xla" '
+                        "(jax.nn.dot_product_attention's reference path) or \"cudnn\" (the same call with cuDNN's "
+                        "fused attention: NVIDIA GPUs only). The environment variable JAXRL_ATTENTION, when set, "
+                        "overrides it; the value used is the one saved with the run.", choices=ATTENTIONS)
+
     # ---- jaxrl: multi-host ----
     coordinator_address: str | None = _f(None, 'jax.distributed coordinator "host:port"; '
-                                         "None = from the environment / auto-detected.")
-    num_processes: int | None = _f(None, "Number of processes (hosts); None = auto.")
-    process_id: int | None = _f(None, "This process's index; None = auto.")
+                                         "None = from the environment / auto-detected.", check=HOST_PORT)
+    num_processes: int | None = _f(None, "Number of processes (hosts); None = auto.", check=POSITIVE)
+    process_id: int | None = _f(None, "This process's index; None = auto.", check=NON_NEGATIVE)
 
     def __post_init__(self):
         for name in FIELDS:  # type-check direct construction too; ints become floats where due
@@ -166,13 +189,18 @@ class RLConfig:
         self.validate(world_size=1)
 
     def validate(self, world_size: int = 1) -> "RLConfig":
-        """Cross-field checks; world_size = the data-parallel size. Raises ConfigValueError."""
-        from jaxrl.config_checks import problems as _problems  # the checks need the finished class
+        """Every field's own check, then the cross-field ones; world_size = the data-parallel size.
 
-        problems = _problems(self, world_size)
+        Raises ConfigValueError listing every problem at once, each saying which numbers to change."""
+        problems = [p for name in FIELDS if (p := _field_problem(name, getattr(self, name)))]
+        problems += _cross_field_problems(self, world_size)
         if problems:
             raise ConfigValueError("invalid config:\n  - " + "\n  - ".join(problems))
         return self
+
+    def replace(self, **changes) -> "RLConfig":
+        """A copy with `changes`, checked like a new config."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """Flat {key: value}, None included (JSON-safe); RLConfig.from_dict reads it back."""
@@ -181,7 +209,7 @@ class RLConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "in from_dict") -> "RLConfig":
         """Strict: unknown keys and wrong types raise, naming `source`. None unsets Optional keys."""
-        return cls(**_normalise(d, source))
+        return cls(**check_keys_and_types(d, source))
 
     def resolve_num_steps(self, num_train: int) -> int:
         """num_steps, or nanochat's (num_train // examples_per_step) * num_epochs when unset."""
@@ -198,8 +226,86 @@ FIELDS = {f.name: f for f in dataclasses.fields(RLConfig)}
 _HINTS = typing.get_type_hints(RLConfig)
 
 
-def _base(tp) -> tuple[type, bool]:
-    """(underlying type, is Optional) of an annotation like `int | None`."""
+# ------------------------------------------------------------------------------------------
+# Checks
+
+
+def _field_problem(name: str, value) -> str | None:
+    """What is wrong with one field's value on its own (its choices, its range check), or None."""
+    choices, check = FIELDS[name].metadata["choices"], FIELDS[name].metadata["check"]
+    if choices and value is not None and value not in choices:
+        return f"{name} must be one of {', '.join(map(repr, choices))}, found {value!r}"
+    return _range_problem(name, value, check) if check else None
+
+
+def _range_problem(name: str, value, check: tuple) -> str | None:
+    ok, what, *fix = check
+    if value is None or ok(value):
+        return None
+    found = repr(value) if isinstance(value, str) else value
+    return f"{name} must be {what}, found {found}" + "".join(f": {f}" for f in fix)
+
+
+def _cross_field_problems(c: RLConfig, world_size: int) -> list[str]:
+    """Problems of combinations of fields (each field is already valid on its own)."""
+    p = []
+    if c.device_batch_size >= 1 and c.num_samples >= 1 and c.num_samples % c.device_batch_size:
+        d, n = c.device_batch_size, c.num_samples
+        divisors = ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+        p.append(f"num_samples ({n}) must be a multiple of device_batch_size ({d}): set num_samples "
+                 f"to {_near_multiples(n, d)}, or device_batch_size to a divisor of {n} ({divisors})")
+    if world_size < 1:
+        p.append(f"world_size must be >= 1, found {world_size}")
+    elif c.examples_per_step >= 1 and c.examples_per_step % world_size:
+        e = c.examples_per_step
+        p.append(f"examples_per_step ({e}) must be divisible by the data-parallel size ({world_size}): "
+                 f"set examples_per_step to {_near_multiples(e, world_size)}, or run on a number of "
+                 f"devices that divides {e}")
+    if c.task.strip() and c.task not in BUILTIN_TASKS and c.data_dir is not None:
+        p.append(f"task is a directory ({c.task!r}) and data_dir is also set ({c.data_dir!r}): "
+                 f"set only one (data_dir is for the named tasks {', '.join(BUILTIN_TASKS)})")
+    if c.num_processes is not None and c.process_id is not None and c.process_id >= c.num_processes:
+        p.append(f"process_id ({c.process_id}) must be < num_processes ({c.num_processes})")
+    # the demo's warm start (source = "demo")
+    ws = {"warmstart_steps": POSITIVE, "warmstart_batch_size": POSITIVE, "warmstart_eval_every": POSITIVE,
+          "warmstart_pass1_min": FRACTION, "warmstart_pass1_max": FRACTION}
+    p += [m for n, check in ws.items() if (m := _range_problem(n, getattr(c, n), check))]
+    if c.source == "demo":
+        p += [f"source = 'demo' trains its own model and tokenizer, so {k} = {getattr(c, k)!r} would be ignored: "
+              f"remove {k}, or set source = 'sft' (or 'mid') to start from the checkpoint"
+              for k in ("checkpoint", "generation", "model_tag", "model_step", "tokenizer_dir")
+              if getattr(c, k) is not None]
+    if c.warmstart_pass1_min > c.warmstart_pass1_max:
+        p.append(f"warmstart_pass1_min {c.warmstart_pass1_min} > warmstart_pass1_max {c.warmstart_pass1_max}: swap them")
+    return p
+
+
+def _near_multiples(n: int, d: int) -> str:
+    """The multiples of d just below and above n, e.g. (10, 4) -> '8 or 12'."""
+    return " or ".join(str(x) for x in ((n // d) * d, (n // d + 1) * d) if x > 0)
+
+
+def check_writable_dir(path: str | os.PathLike, key: str) -> None:
+    """Raise ConfigError unless `path` is, or can be created as, a folder this process may write into.
+
+    Scripts run it on output paths (`out_dir`, `--out`) before any work, so a bad path fails at once."""
+    p = Path(path).absolute()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} '{path}' cannot be created: {existing} is a file, not a directory; "
+                          f"choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} '{path}' is not writable ({existing} is read-only for this user or "
+                          f"filesystem); choose a writable {key} or fix its permissions")
+
+
+# ------------------------------------------------------------------------------------------
+# Keys and types (used by from_dict here and by jaxrl/config_io.py for files and the command line)
+
+
+def field_type(key: str) -> tuple[type, bool]:
+    """(underlying type, is Optional) of a field, e.g. int | None -> (int, True)."""
+    tp = _HINTS[key]
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         assert len(args) == 1, tp
@@ -207,26 +313,26 @@ def _base(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def _type_name(tp) -> str:
-    base, opt = _base(tp)
+def type_name(key: str) -> str:
+    base, opt = field_type(key)
     return base.__name__ + (" | None" if opt else "")
 
 
-# TOML cannot write None, so format_config omits None values; that round-trips only if every
-# Optional field defaults to None.
-assert all(FIELDS[n].default is None for n, t in _HINTS.items() if _base(t)[1])
+# TOML cannot write None, so config_io.format_config omits None values; that round-trips only if
+# every Optional field defaults to None.
+assert all(FIELDS[n].default is None for n in FIELDS if field_type(n)[1])
 
 
 def _check_type(key: str, value, source: str):
     """Value from TOML/JSON/Python: exact types, except that an int is accepted for a float."""
-    base, opt = _base(_HINTS[key])
+    base, opt = field_type(key)
     if value is None and opt:
         return None
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
         raise ConfigTypeError(
-            f"config key '{key}' {source}: expected {_type_name(_HINTS[key])}, "
+            f"config key '{key}' {source}: expected {type_name(key)}, "
             f"found {type(value).__name__} {value!r}" + _type_hint(base, value))
     return value
 
@@ -241,160 +347,27 @@ def _type_hint(base, value) -> str:
     return ""
 
 
-def _closest(key: str) -> str:
-    near = difflib.get_close_matches(key, list(FIELDS), n=3, cutoff=0.6)
-    return f"; closest valid keys: {', '.join(near)}" if near else f"; valid keys: {', '.join(FIELDS)}"
-
-
-def _key(raw: str, source: str) -> str:
+def config_key(raw: str, source: str) -> str:
+    """The field named by `raw` (`-` and `_` alike); UnknownKeyError names the closest keys."""
     key = raw.strip().replace("-", "_")
     if key not in FIELDS:
-        raise UnknownKeyError(f"unknown config key '{raw}' {source}{_closest(key)}")
+        near = difflib.get_close_matches(key, list(FIELDS), n=3, cutoff=0.6)
+        hint = f"; closest valid keys: {', '.join(near)}" if near else f"; valid keys: {', '.join(FIELDS)}"
+        raise UnknownKeyError(f"unknown config key '{raw}' {source}{hint}")
     return key
 
 
-def _normalise(d: dict, source: str) -> dict:
+def check_keys_and_types(d: dict, source: str) -> dict:
+    """{field: value} from a raw dict: keys normalised, unknown or repeated keys and wrong types raise."""
     out = {}
     for raw, value in d.items():
-        key = _key(raw, source)
+        key = config_key(raw, source)
         if key in out:
             raise ConfigError(f"config key '{key}' given twice {source} ('-' equals '_')")
         out[key] = _check_type(key, value, source)
     return out
 
 
-_BOOLS = dict.fromkeys(("true", "1", "yes", "on"), True) | dict.fromkeys(("false", "0", "no", "off"), False)
-
-
-def _parse_cli_value(key: str, text: str):
-    """Parse a command-line string by the field's type; 'none'/'null' unsets Optional keys."""
-    base, opt = _base(_HINTS[key])
-    if opt and text.strip().lower() in ("none", "null"):
-        return None
-    try:
-        if base is bool:
-            return _BOOLS[text.strip().lower()]
-        return base(text)  # int("1.5") and float("x") raise ValueError; str is as written
-    except (KeyError, ValueError):
-        expected = _type_name(_HINTS[key]) + (" (true/false)" if base is bool else "")
-        unset = " or none" if opt else ""
-        raise ConfigTypeError(f"config key '{key}' on the command line: expected {expected}"
-                              f"{unset}, found {text!r}") from None
-
-
-def _read_toml(path: str) -> dict:
-    """The file's keys; a UTF-8 byte-order mark (as some Windows editors write) is skipped."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file '{path}' is a directory; pass a .toml file, e.g. "
-                          "--config scripts/configs/arith_tiny.toml")
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found (relative paths are resolved against "
-                          f"the current directory, {os.getcwd()})")
-    try:
-        return tomllib.loads(p.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                          f"{e.start}): save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file '{path}' is not valid TOML: {e}. Each line must be "
-                          '`key = value` with strings quoted (run = "x"), true/false in lower case, '
-                          "and None written by leaving the key out") from None
-
-
-def _split_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
-    """-> (config file or None, [(raw key, raw value)]); a bare bool flag (`--resume`) means true."""
-    config_file, overrides, i = None, [], 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        if arg == "--":  # as in `torchrun ... -m scripts.chat_rl -- --config FILE`
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected command-line argument {arg!r}: use --config FILE for a "
-                              "config file and --key=value or --key value for overrides")
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            elif _HINTS.get(name.replace("-", "_")) is bool:
-                value = "true"
-            else:
-                raise ConfigError(f"command-line option --{name} needs a value (--{name}=VALUE)")
-        if name != "config":
-            overrides.append((name, value))
-        elif config_file is not None:
-            raise ConfigError(f"--config given twice ({config_file!r} and {value!r}); "
-                              "pass one file and put the rest in overrides")
-        else:
-            config_file = value
-    return config_file, overrides
-
-
-def check_writable_dir(path: str | os.PathLike, key: str) -> None:
-    """Raise ConfigError unless `path` is, or can be created as, a folder this process may write into."""
-    p = Path(path).absolute()
-    existing = next(q for q in (p, *p.parents) if q.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{key} '{path}' cannot be created: {existing} is a file, not a directory; "
-                          f"choose another {key}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key} '{path}' is not writable ({existing} is read-only for this user or "
-                          f"filesystem); choose a writable {key} or fix its permissions")
-
-
-def load_config(argv: list[str]) -> RLConfig:
-    """`--config FILE` (optional) then `--key=value` / `--key value` overrides, in that order.
-
-    Overrides always win over the file, wherever they appear in argv; a later override of the
-    same key wins over an earlier one. Cross-field checks run once on the final values.
-    """
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        raise SystemExit(0)
-    config_file, overrides = _split_argv(argv)
-    values = {} if config_file is None else _normalise(_read_toml(config_file), f"in {config_file}")
-    for raw, text in overrides:
-        key = _key(raw, "on the command line")
-        values[key] = _parse_cli_value(key, text)
-    try:
-        return RLConfig(**values)
-    except ConfigValueError as e:  # say where the values came from
-        where = [f"'{config_file}'"] if config_file else []
-        where += ["the command line"] if overrides else []
-        raise ConfigValueError(f"{e}\n(values from {' and '.join(where) or 'the defaults'})") from None
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # JSON escapes are valid TOML basic-string escapes
-    return repr(v)  # int, or float: repr gives the shortest round-tripping form (0.004, 1e-05)
-
-
-def format_config(cfg: RLConfig) -> str:
-    """The resolved config as TOML, one `key = value` line per field; None keys are comments."""
-    lines = [(f"# {k} = None" if v is None else f"{k} = {_toml_value(v)}")
-             for k, v in ((name, getattr(cfg, name)) for name in FIELDS)]
-    return "\n".join(lines) + "\n"
-
-
-def save_config(cfg: RLConfig, path: str | os.PathLike) -> None:
-    """Write format_config(cfg) to path atomically (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(format_config(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def describe_fields() -> list[tuple[str, object, str, str]]:
     """(name, default, type, help) per field, in declaration order; help includes the choices."""
-    return [(n, f.default, _type_name(_HINTS[n]), f.metadata["help"]) for n, f in FIELDS.items()]
-
-
-def usage() -> str:
-    rows = [f"  --{n}={d!r}  ({t}) {h}" for n, d, t, h in describe_fields()]
-    return ("usage: train_rl.py [--config FILE.toml] [--key=value | --key value ...]\n"
-            "keys (- and _ are interchangeable; --key=none unsets an Optional key):\n"
-            + "\n".join(rows))
+    return [(n, f.default, type_name(n), f.metadata["help"]) for n, f in FIELDS.items()]

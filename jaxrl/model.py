@@ -12,8 +12,8 @@ no transposes, and Muon sees the same (rows, cols) as nanochat.
 
 Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
 K kv heads, Dh head dim, V vocab, L layers.
-Attention of full sequences (training, prefill): `JAXRL_ATTENTION` = einsum (default) | xla |
-cudnn, the last two through jax.nn.dot_product_attention (see `full_attention`).
+Attention of full sequences (training, prefill): `GPTConfig.attention` (RLConfig's `attention`, or the
+JAXRL_ATTENTION override: `attention_impl`) = einsum | xla | cudnn (see `full_attention`).
 
 Test: `pytest tests/test_model.py` (properties: causality, cache = full forward, bf16) and
 `pytest tests/test_convert.py` (golden logits of every generation from ../shared/fixtures; needs torch).
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl import params as _params
+from jaxrl.config import ATTENTIONS, GENERATIONS
 
 # The parameter table, init and (un)flattening live in jaxrl/params.py; callers reach them here too.
 Params = _params.Params
@@ -38,7 +39,6 @@ SMEAR_CHANNELS = _params.SMEAR_CHANNELS
 param_table, init_params = _params.param_table, _params.init_params
 flatten_params, unflatten_params = _params.flatten_params, _params.unflatten_params
 
-GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default eps for fp32 and bf16 inputs
 SOFTCAP = 15.0
 
@@ -56,12 +56,15 @@ class GPTConfig:
     window_pattern: str = "L"  # over {S, L}; gen-2025-10 has no windows and ignores it
     generation: str = "gen-2026-07"
     compute_dtype: str = "float32"  # "bfloat16" rounds where nanochat's CUDA path rounds
+    attention: str = "einsum"  # kernel of full-sequence attention, one of ATTENTIONS (static: jit keys on it)
 
     def __post_init__(self):
         if self.generation not in GENERATIONS:
             raise ValueError(f"unknown generation {self.generation!r}; expected one of {', '.join(GENERATIONS)}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', found {self.compute_dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, found {self.attention!r}")
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"model_config.{name} must be a positive int, found {getattr(self, name)!r}")
@@ -125,8 +128,7 @@ class GPTConfig:
     def model_config(self) -> dict:
         """The `model_config` dict nanochat writes in meta JSON for this generation."""
         keys = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"]
-        if self.generation != "gen-2025-10":
-            keys.append("window_pattern")
+        keys += [] if self.generation == "gen-2025-10" else ["window_pattern"]
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict:
@@ -151,8 +153,7 @@ class GPTConfig:
 def rms_norm(x):
     """F.rms_norm without weight: fp32 math, result in the input dtype."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)
-    return y.astype(x.dtype)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_EPS)).astype(x.dtype)
 
 
 def linear(x, w):
@@ -257,20 +258,21 @@ def attend_fused(q, k, v, q_pos, k_pos, window: int | None, packing: Packing | N
     return out.astype(q.dtype)
 
 
-def attention_impl() -> str:
-    """JAXRL_ATTENTION: "einsum" (default), "xla" or "cudnn" (NVIDIA GPUs); anything else is an error."""
-    impl = os.environ.get("JAXRL_ATTENTION", "einsum")
-    if impl not in ("einsum", "xla", "cudnn"):
-        raise ValueError(f"JAXRL_ATTENTION must be einsum, xla or cudnn, found {impl!r}: unset it (einsum) or fix it")
+def attention_impl(configured: str = "einsum") -> str:
+    """The attention a script runs: JAXRL_ATTENTION when set (it overrides the `attention` config key),
+    else `configured`. ValueError for an unknown value or cudnn off an NVIDIA GPU; scripts call it at start."""
+    name = "JAXRL_ATTENTION" if "JAXRL_ATTENTION" in os.environ else "attention"
+    impl = os.environ.get("JAXRL_ATTENTION", configured)
+    if impl not in ATTENTIONS:
+        raise ValueError(f"{name} must be einsum, xla or cudnn, found {impl!r}: unset it (einsum) or fix it")
     if impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"JAXRL_ATTENTION=cudnn needs an NVIDIA GPU, found {jax.default_backend()!r}: unset it or set xla")
+        raise ValueError(f"{name}=cudnn needs an NVIDIA GPU, found {jax.default_backend()!r}: unset it or set xla")
     return impl
 
 
-def full_attention():
-    """The attention of training and prefill, chosen by JAXRL_ATTENTION (read when a function is traced)."""
-    impl = attention_impl()
-    return attend if impl == "einsum" else functools.partial(attend_fused, implementation=impl)
+def full_attention(config: GPTConfig):
+    """The attention of training and prefill: `config.attention`, a static setting fixed at trace time."""
+    return attend if config.attention == "einsum" else functools.partial(attend_fused, implementation=config.attention)
 
 
 def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
@@ -291,7 +293,7 @@ def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
     if cache is None:
-        y, kv = full_attention()(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
+        y, kv = full_attention(config)(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
     else:
         y, kv = cache.attend(i, q, k, v, positions, window)
     return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
@@ -368,8 +370,7 @@ def logits_from_hidden(config: GPTConfig, params: Params, x):
     logits = linear(x, params["lm_head"]["weight"])[..., : config.vocab_size]
     if config.generation == "gen-2025-10":  # softcap in the compute dtype: docs/nanochat.md#forward-of-gen-2025-10
         return (SOFTCAP * jnp.tanh(logits / SOFTCAP)).astype(jnp.float32)
-    logits = logits.astype(jnp.float32)
-    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+    return SOFTCAP * jnp.tanh(logits.astype(jnp.float32) / SOFTCAP)
 
 
 def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Packing | None = None) -> jax.Array:
@@ -389,8 +390,7 @@ def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Pac
 
 def token_nll(config: GPTConfig, params: Params, idx, targets) -> jax.Array:
     """Per-token negative log-likelihood (B, T), float32, exactly 0 where targets == -1."""
-    logits = forward(config, params, idx)
-    return nll_from_logits(logits, targets)
+    return nll_from_logits(forward(config, params, idx), targets)
 
 
 def nll_from_logits(logits, targets):

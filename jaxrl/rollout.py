@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from jaxrl import distributed, rl, sampler
+from jaxrl.tokenizer import SpecialIds
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, t
     every question (docs/nanochat.md#evaluation); training keys always differ per question.
     """
     t0 = time.perf_counter()
-    specials = sampler.SpecialIds.from_tokenizer(tokenizer)
+    specials = SpecialIds.from_tokenizer(tokenizer)
     conversations = [task[int(i)] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     chunk = chunk or len(prompts)

@@ -32,27 +32,12 @@ import numpy as np
 
 from jaxrl import decode
 from jaxrl import sharding
+from jaxrl.tokenizer import SpecialIds  # the one record of the special ids (plain ints)
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
 PHASE = decode.GEN_BLOCK  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
 COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    bos: int
-    assistant_end: int
-    python_start: int
-    python_end: int
-    output_start: int
-    output_end: int
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "SpecialIds":
-        get = tok.encode_special
-        return cls(get("<|bos|>"), get("<|assistant_end|>"), get("<|python_start|>"), get("<|python_end|>"),
-                   get("<|output_start|>"), get("<|output_end|>"))
 
 
 @dataclasses.dataclass(frozen=True)

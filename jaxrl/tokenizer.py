@@ -41,7 +41,9 @@ class ConversationError(ValueError, AssertionError):
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Ids of nanochat's nine special tokens (read from the tokenizer, never hard-coded)."""
+    """Ids of nanochat's nine special tokens (read from the tokenizer, never hard-coded).
+
+    The one record of them: plain ints, hashable, so the sampler keeps it in its static spec."""
 
     bos: int
     user_start: int
@@ -52,6 +54,11 @@ class SpecialIds:
     python_end: int
     output_start: int
     output_end: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialIds":
+        """From anything with nanochat's `encode_special(text) -> id` (a Tokenizer, a test double)."""
+        return cls(**{t[2:-2]: tok.encode_special(t) for t in SPECIAL_TOKENS})
 
 
 class _EncodingState:
@@ -172,7 +179,7 @@ class Tokenizer:
 
     def __init__(self, enc: tiktoken.Encoding, bos_token: str = "<|bos|>"):
         self.enc = enc
-        self.specials = SpecialIds(**{t[2:-2]: self.encode_special(t) for t in SPECIAL_TOKENS})
+        self.specials = SpecialIds.from_tokenizer(self)
         self.bos_token_id = self.encode_special(bos_token)
 
     @classmethod

@@ -86,14 +86,14 @@ from jaxrl import model, rollout, run_state, sampler, sharding, tasks  # noqa: E
 
 mesh = sharding.make_mesh(jax.local_devices())
 with run_state.exit_on_bad_input():
-    model.attention_impl()
+    attention = model.attention_impl()  # the einsum default, or the JAXRL_ATTENTION override
     config, params, tokenizer, info = run_state.load_policy(
         args.checkpoint, generation=args.generation, model_step=args.model_step, model_tag=args.model_tag,
         tokenizer_dir=args.tokenizer_dir, source=args.source)
     task = tasks.open_task(args.task, args.data_dir, args.split, difficulty=args.difficulty)
     n = len(task) if args.max_examples is None else min(args.max_examples, len(task))
     rollout.check_prompt_lengths(config, tokenizer, task, n, args.max_new_tokens, args.split)
-config = config.replace(compute_dtype=args.dtype)
+config = config.replace(compute_dtype=args.dtype, attention=attention)
 params = jax.device_put(params, sharding.replicated(mesh))
 print(f"{config.generation} model, {config.n_layer} layers, vocab {config.vocab_size} on {len(jax.local_devices())} "
       f"x {jax.devices()[0].device_kind}; {n} {args.split} questions x {args.num_samples} samples", file=sys.stderr)

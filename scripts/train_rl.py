@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from jaxrl.config import ConfigError, check_writable_dir, load_config, save_config  # (no jax import yet)
+from jaxrl.config import ConfigError, check_writable_dir  # (no jax import yet)
+from jaxrl.config_io import format_config, load_config, save_config
 
 try:
     cfg = load_config(sys.argv[1:])
@@ -36,8 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jaxrl import distributed, model, optim, rl, rollout, run_state, sampler, sharding, tasks  # noqa: E402
-from jaxrl.config import format_config  # noqa: E402
+from jaxrl import distributed, faults, model, optim, rl, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 from jaxrl.metrics import MetricsWriter, print0, read_metrics, step_line, step_row  # noqa: E402
 from jaxrl.report import plot_run  # noqa: E402
 from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compatible, nonfinite_leaves  # noqa: E402
@@ -50,6 +50,8 @@ mesh = sharding.make_mesh()
 local_mesh = sharding.make_mesh(jax.local_devices())
 world = sharding.data_size(mesh)
 cfg.validate(world_size=jax.process_count())
+with run_state.exit_on_bad_input():  # JAXRL_ATTENTION overrides the key; the value used is saved with the run
+    cfg = cfg.replace(attention=model.attention_impl(cfg.attention))
 rows_per_device = cfg.examples_per_step * cfg.num_samples // world
 if (cfg.examples_per_step * cfg.num_samples) % world or rows_per_device % cfg.device_batch_size:
     raise SystemExit(f"examples_per_step x num_samples = {cfg.examples_per_step * cfg.num_samples} rows do not split into "
@@ -77,7 +79,6 @@ print0(format_config(cfg))
 # Policy, tokenizer, tasks
 
 with run_state.exit_on_bad_input():  # every input is checked here, before anything is written
-    model.attention_impl()
     train_task = tasks.open_task(cfg.task, cfg.data_dir, "train", difficulty=cfg.arith_difficulty)
     test_task = tasks.open_task(cfg.task, cfg.data_dir, "test", difficulty=cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
@@ -94,12 +95,12 @@ if cfg.source == "demo":
     from jaxrl import warmstart
 
     model_config, params, tokenizer, policy_info = warmstart.demo_policy(cfg, run_dir, mesh)
-model_config = model_config.replace(compute_dtype=cfg.dtype)
+model_config = model_config.replace(compute_dtype=cfg.dtype, attention=cfg.attention)
 if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
     print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
-specials = sampler.SpecialIds.from_tokenizer(tokenizer)
+specials = tokenizer.specials
 tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)  # shared with the warm start
 
 # ------------------------------------------------------------------------------------------
@@ -222,8 +223,6 @@ def save(step: int):
 # ------------------------------------------------------------------------------------------
 # Training loop
 
-# Test hook of the non-finite path: JAXRL_INJECT_NAN_STEP="k" or "k1,k2,..." makes those steps' advantages NaN.
-inject_nan_steps = {int(k) for k in os.environ.get("JAXRL_INJECT_NAN_STEP", "").split(",") if k.strip()}
 last_step = min(num_steps, cfg.stop_after_steps or num_steps)  # a prefix of the schedule, or all of it
 bar = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=jax.process_index() != 0,
            desc="rl", dynamic_ncols=True)
@@ -243,8 +242,7 @@ for step in bar:
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
-    if step in inject_nan_steps:
-        batch = batch._replace(advantages=batch.advantages * np.float32("nan"))
+    batch = faults.inject_nan_advantages(batch, step, writer)  # tests only (jaxrl/faults.py); inert otherwise
     batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
                                      cfg.train_skip_zero_advantage, cfg.num_samples)
     train_len = batch.inputs.shape[1]

@@ -15,11 +15,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxrl.config import GENERATIONS  # noqa: E402,F401  (the tests parametrize over it; imports no jax)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXRL_SHARED", REPO.parent / "shared")).resolve()
 FIXTURES = SHARED / "fixtures" / "nanochat"
 ARITH = SHARED / "fixtures" / "nanochat-sft-arith"
-GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
 
 
 def pytest_configure(config):

@@ -25,7 +25,8 @@ from jaxrl import distributed
 from jaxrl.calculator import use_calculator
 from jaxrl.run_state import CheckpointError, CheckpointManager, check_resume_compatible, load_jaxrl_import, load_policy, \
     save_jaxrl_import
-from jaxrl.config import ConfigError, RLConfig, load_config
+from jaxrl.config import ConfigError, RLConfig
+from jaxrl.config_io import load_config
 from jaxrl.model import GPTConfig
 from jaxrl.sampler import check_request
 from jaxrl.tasks import load_task

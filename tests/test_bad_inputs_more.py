@@ -17,7 +17,8 @@ from conftest import ARITH, REPO
 
 from jaxrl import model, rollout
 from jaxrl.run_state import CheckpointError, RunPaths, load_jaxrl_import, save_jaxrl_import
-from jaxrl.config import ConfigError, check_writable_dir, load_config
+from jaxrl.config import ConfigError, check_writable_dir
+from jaxrl.config_io import load_config
 from jaxrl.model import GPTConfig, init_params
 from jaxrl.tasks import open_task
 from jaxrl.tasks.gsm8k import GSM8K, evaluate, reward, row_to_conversation
@@ -44,7 +45,7 @@ def _read_only_dir(path):
 
 
 # ------------------------------------------------------------------------------------------
-# Config and paths (jaxrl/config.py, jaxrl/config_checks.py)
+# Config and paths (jaxrl/config.py, jaxrl/config_io.py)
 
 
 def test_config_file_is_a_directory(tmp_path):

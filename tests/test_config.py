@@ -12,9 +12,9 @@ import pytest
 from conftest import ARITH, SHARED
 
 from jaxrl.config import (
-    FIELDS, ConfigError, ConfigTypeError, ConfigValueError, RLConfig, UnknownKeyError,
-    describe_fields, format_config, load_config, save_config,
+    FIELDS, ConfigError, ConfigTypeError, ConfigValueError, RLConfig, UnknownKeyError, describe_fields, field_type,
 )
+from jaxrl.config_io import format_config, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "scripts" / "configs"
@@ -230,6 +230,8 @@ def test_examples_per_step_must_divide_over_data_parallel_size():
     ({"task": "some/dir", "data_dir": "other"}, "set only one"),
     ({"num_processes": 2, "process_id": 2}, "process_id (2) must be < num_processes (2)"),
     ({"coordinator_address": "localhost"}, "coordinator_address must be host:port"),
+    ({"attention": "flash"}, "attention must be one of 'einsum', 'xla', 'cudnn', found 'flash'"),
+    ({"task": " "}, "task must be \"gsm8k\", \"arith\", \"demo\" or a directory, found ' '"),
 ])
 def test_range_checks_name_key_and_value(kw, words):
     with pytest.raises(ConfigValueError) as e:
@@ -267,7 +269,8 @@ def test_resolve_num_steps():
 # ---- round trips ----
 
 ODD = RLConfig(run='a "quoted" \\ run ü', temperature=0.7, matrix_lr=1e-05, checkpoint="x/y.pt",
-               model_step=3, generation="gen-2026-01", num_steps=7, resume=True, export_nanochat=False)
+               model_step=3, generation="gen-2026-01", num_steps=7, resume=True, export_nanochat=False,
+               attention="xla")
 
 
 @pytest.mark.parametrize("cfg", [RLConfig(), ODD], ids=["defaults", "odd"])
@@ -280,10 +283,24 @@ def test_format_config_round_trip(tmp_path, cfg):
     assert RLConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_import_does_not_pull_in_jax():
+def test_import_does_not_pull_in_jax_and_config_imports_no_jaxrl_module():
+    """Scripts load the config before jax; config.py is the leaf every module may import (no cycle)."""
     import subprocess
-    code = "import sys, jaxrl.config; assert 'jax' not in sys.modules, 'jaxrl.config imported jax'"
+    code = ("import sys, jaxrl.config; assert [m for m in sys.modules if m.startswith('jaxrl.')] == ['jaxrl.config'], "
+            "'jaxrl.config imported another jaxrl module'; import jaxrl.config_io, jaxrl.faults; "
+            "assert 'jax' not in sys.modules, 'the config modules or faults imported jax'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_every_range_check_sits_on_its_field():
+    """Each field's check is in its own definition: a value that breaks it is reported under that key."""
+    checked = {n: f.metadata["check"] for n, f in FIELDS.items() if f.metadata["check"]}
+    assert {"device_batch_size", "seed", "run", "temperature", "coordinator_address"} <= set(checked)
+    strings = {"run": "a/b", "task": "", "coordinator_address": "localhost"}
+    for name, (_ok, what, *_) in checked.items():
+        bad = strings.get(name, -1 if field_type(name)[0] is int else float("nan"))
+        with pytest.raises(ConfigValueError, match=re.escape(f"{name} must be {what}, found")):
+            RLConfig(**{name: bad})
 
 
 # ---- docs ----

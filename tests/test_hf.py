@@ -136,7 +136,7 @@ def test_transformers_greedy_generate_matches_jaxrl_rollout(cases, hf_models, hf
     tok = Tokenizer.from_directory(FIXTURES / "tokenizer")
     prompts = [hf_tokenizer.apply_chat_template(c["conversation"]["messages"][:1], add_generation_prompt=True,
                                                 return_dict=False) for c in conversations()[:3]]
-    specials = sampler.SpecialIds.from_tokenizer(tok)
+    specials = tok.specials
     rollout, _ = sampler.sample(config, params, prompts, num_samples=1, max_new_tokens=NEW_TOKENS, temperature=0.0,
                                 specials=specials)
     for r, prompt in enumerate(prompts):

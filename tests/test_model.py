@@ -16,7 +16,9 @@ import pytest
 
 from conftest import GENERATIONS
 from jaxrl.decode import GEN_BLOCK, decode_shared, decode_step, prefill, shared_cache
-from jaxrl.model import GPTConfig, Packing, forward, linear, param_table, token_nll, unflatten_params
+from jaxrl.model import (
+    GPTConfig, Packing, attention_impl, forward, linear, param_table, token_nll, unflatten_params,
+)
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
 # bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;
@@ -134,10 +136,11 @@ def test_shared_prompt_decode_equals_full_forward(generation):
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
-def test_fused_attention_path_equals_einsum(generation, monkeypatch):
-    """JAXRL_ATTENTION=xla (jax.nn.dot_product_attention, the code path cuDNN takes on a GPU) gives
+def test_fused_attention_path_equals_einsum(generation):
+    """attention="xla" (jax.nn.dot_product_attention, the code path cuDNN takes on a GPU) gives
     the einsum path's logits and gradients: plain rows past the short window, one packed row (a
-    prompt shared by two continuations), and left-padded prefill (padding slots excluded)."""
+    prompt shared by two continuations), and left-padded prefill (padding slots excluded). The
+    setting is a static field of the config, so each value compiles its own function."""
     config = tiny_config(generation)
     params = random_params(config)
     seq = random_tokens(config, (2, T_LONG))
@@ -153,7 +156,7 @@ def test_fused_attention_path_equals_einsum(generation, monkeypatch):
     prompts = random_tokens(config, (2, 24), seed=6)
 
     def run(impl):
-        monkeypatch.setenv("JAXRL_ATTENTION", impl)
+        config = tiny_config(generation, attention=impl)
         loss = jax.jit(jax.value_and_grad(lambda w: token_nll(config, w, seq[:, :-1], seq[:, 1:]).sum()))
         packed_logits = jax.jit(lambda w: forward(config, w, packed, positions, packing))(params)
         logits, cache = jax.jit(lambda w: prefill(config, w, prompts, pad, 24))(params)
@@ -161,6 +164,8 @@ def test_fused_attention_path_equals_einsum(generation, monkeypatch):
 
     (l0, g0), pk0, pre0, c0 = run("einsum")
     (l1, g1), pk1, pre1, c1 = run("xla")
+    lowered = lambda impl: fwd.lower(tiny_config(generation, attention=impl), params, seq).as_text()
+    assert lowered("xla") != lowered("einsum")  # the setting reaches the compiled program: not the same one twice
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     scale = max(float(np.max(np.abs(y))) for y in jax.tree.leaves(g0))  # summation order only:
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # measured <= 1.1e-6 of the scale
@@ -170,9 +175,19 @@ def test_fused_attention_path_equals_einsum(generation, monkeypatch):
     for r in range(2):  # keys/values of real tokens; padding slots hold unread garbage
         np.testing.assert_allclose(c1.k[:, r, int(pad[r]):], c0.k[:, r, int(pad[r]):], rtol=0, atol=FP32_ATOL)
         np.testing.assert_allclose(c1.v[:, r, int(pad[r]):], c0.v[:, r, int(pad[r]):], rtol=0, atol=FP32_ATOL)
+    with pytest.raises(ValueError, match="attention must be one of einsum, xla, cudnn, found 'flash'"):
+        tiny_config(generation, attention="flash")
+
+
+def test_attention_env_overrides_the_config_key(monkeypatch):
+    """JAXRL_ATTENTION, when set, wins over the configured value; unset, the configured value is used."""
+    monkeypatch.delenv("JAXRL_ATTENTION", raising=False)
+    assert [attention_impl(a) for a in ("einsum", "xla")] == ["einsum", "xla"]
+    monkeypatch.setenv("JAXRL_ATTENTION", "xla")
+    assert attention_impl("einsum") == "xla"
     monkeypatch.setenv("JAXRL_ATTENTION", "flash")
     with pytest.raises(ValueError, match="JAXRL_ATTENTION must be einsum, xla or cudnn, found 'flash'"):
-        forward(config, params, seq)
+        attention_impl("einsum")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -24,7 +24,7 @@ import pytest
 from conftest import ARITH, REPO, SHARED, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, \
     trainer_env
 
-from jaxrl import run_state
+from jaxrl import faults, run_state
 from jaxrl.run_state import CheckpointError, CheckpointManager, RunStateError, check_resume_compatible, load_run_dir
 from jaxrl.run_state import guard, train_state
 from jaxrl.config import RLConfig
@@ -365,7 +365,7 @@ def zero_reward_run(tmp_path_factory, compile_cache, shared_dir):
     rows = [json.loads(line) for line in (SHARED / "data" / "arith" / "test.jsonl").read_text().splitlines()[:20]]
     rows = [dict(r, answer=r["answer"].rsplit("####", 1)[0] + "#### 987654321") for r in rows]
     data = _data_dir(out / "data", rows)
-    env = trainer_env(compile_cache, JAXRL_INJECT_NAN_STEP="0,1")
+    env = trainer_env(compile_cache, **{faults.NAN_STEPS_ENV: "0,1"})
     proc = run_trainer(out, "zero", f"--data_dir={data}", "--num_steps=3", "--max_nonfinite_skips=0",
                        "--zero_reward_warn_steps=2", env=env)
     return out, data, proc

@@ -24,7 +24,7 @@ from jaxrl import model as gpt
 from jaxrl import sampler, sharding
 from jaxrl.calculator import use_calculator
 from jaxrl.tasks.gsm8k import GSM8K
-from jaxrl.tokenizer import Tokenizer
+from jaxrl.tokenizer import SpecialIds, Tokenizer
 
 
 @functools.cache
@@ -222,7 +222,7 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces):
     config, M = gpt.GPTConfig(vocab_size=tok.get_vocab_size()), 3 * width
     tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), M + 2)
     run = functools.partial(sampler.sample, config, {}, num_samples=1, temperature=0.0, tool=tool,
-                            specials=sampler.SpecialIds.from_tokenizer(tok))
+                            specials=tok.specials)
     out, _ = run([[sp.bos, sp.assistant_start]] * len(rows), max_new_tokens=M)
     for i, n in enumerate(map(len, expected)):
         assert out.length[i] == n, f"row {i}"
@@ -242,7 +242,8 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces):
 
 # ---- 3. Sampling distribution ----------------------------------------------------
 def sample_spec(top_k, greedy=False):
-    ids = sampler.SpecialIds(bos=0, assistant_end=1, python_start=2, python_end=3, output_start=4, output_end=5)
+    ids = SpecialIds(bos=0, user_start=6, user_end=7, assistant_start=8, assistant_end=1, python_start=2,
+                     python_end=3, output_start=4, output_end=5)
     return sampler.SampleSpec(num_samples=1, max_new_tokens=1, top_k=top_k, greedy=greedy,
                               shared_first_token=False, queue_len=1, specials=ids, pad_id=1)
 
@@ -289,7 +290,7 @@ def test_same_keys_same_rollouts_on_any_device_count():
     prompts = [tok.encode(t, prepend="<|bos|>") for t in ("What is 2+3?", "Hi", "A longer question here.")]
     tool = sampler.ToolBridge(tok, use_calculator, 18)
     run = functools.partial(sampler.sample, config, params, prompts, num_samples=4, max_new_tokens=16,
-                            temperature=1.0, top_k=50, tool=tool, specials=sampler.SpecialIds.from_tokenizer(tok))
+                            temperature=1.0, top_k=50, tool=tool, specials=tok.specials)
     one = run(seed=7)[0]
     assert (one.mask.sum(1) > 0).all()
     for other in (run(seed=7)[0], run(seed=7, mesh=sharding.make_mesh())[0]):
@@ -312,7 +313,7 @@ def test_compacting_the_long_tail_keeps_every_token(seed):
     prompts = [tok.render_for_completion(task[i]) for i in range(8 * seed, 8 * seed + 8)]
     tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), 98)
     run = functools.partial(sampler.sample, config, params, prompts, num_samples=8, max_new_tokens=96, seed=seed,
-                            tool=tool, specials=sampler.SpecialIds.from_tokenizer(tok))
+                            tool=tool, specials=tok.specials)
     full, small = run(compact=False)[0], run(compact=True)[0]
     lengths = np.sort(full.length)
     assert lengths[-17] < lengths[-1], "no column with <= 16 of 64 rows running: compaction never engaged"

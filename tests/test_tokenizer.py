@@ -4,16 +4,18 @@ safe loading of tokenizer.pkl.
 Golden checks read nanochat's own outputs from ../shared/fixtures/nanochat (never edited).
 Run: `python -m pytest tests/test_tokenizer.py -q`
 """
+import dataclasses
 import json
 import os
 import pickle
 import subprocess
 import sys
+import types
 
 import pytest
 
 from conftest import FIXTURES, GENERATIONS, REPO
-from jaxrl.tokenizer import ConversationError, SpecialIds, Tokenizer
+from jaxrl.tokenizer import SPECIAL_TOKENS, ConversationError, SpecialIds, Tokenizer
 
 GOLDEN = json.loads((FIXTURES / "golden_tokenizer.json").read_text())
 
@@ -32,6 +34,15 @@ def test_vocab_and_special_ids(tok):
         assert tok.encode_special(text) == token_id
     assert tok.decode(list(GOLDEN["special_token_ids"].values())) == GOLDEN["decode_of_all_special_ids"]
     assert tok.enc._pat_str == GOLDEN["split_pattern"]
+
+
+def test_special_ids_from_anything_with_encode_special():
+    """The one special-ids record reads its nine ids by name from any `encode_special` (the sampler and
+    the benchmarks' synthetic tokenizer use it too): each field gets its own token's id."""
+    ids = {t: 1000 + 7 * i for i, t in enumerate(reversed(SPECIAL_TOKENS))}  # not in declaration order
+    specials = SpecialIds.from_tokenizer(types.SimpleNamespace(encode_special=ids.__getitem__))
+    assert dataclasses.asdict(specials) == {t[2:-2]: i for t, i in ids.items()}
+    assert hash(specials) == hash(SpecialIds.from_tokenizer(types.SimpleNamespace(encode_special=ids.__getitem__)))
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)

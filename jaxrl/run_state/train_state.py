@@ -5,7 +5,7 @@ CheckpointManager:
 
     <step>/state/        orbax StandardSave of the state pytree (params, optax state, step, key data)
     <step>/meta/         orbax JsonSave of `meta` (resolved config under "config", data cursor, ...)
-    <step>/config.toml   meta["config"] as TOML (jaxrl.config.save_config), for people to read
+    <step>/config.toml   meta["config"] as TOML (jaxrl.config_io.save_config), for people to read
     <step>/checksums.json  size and sha256 of every file above, written last (atomically)
     <step>.orbax-checkpoint-tmp*/   an unfinished save: never listed, deleted when a manager opens
 
@@ -39,13 +39,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrl.config import RLConfig, save_config
+from jaxrl.config import RLConfig
+from jaxrl.config_io import save_config
 from jaxrl.run_state.integrity import Leaf, check_tree, checksum_problem, nonfinite_leaves, write_checksums
 from jaxrl.run_state.paths import CHECKSUMS, CONFIG_TOML, META, STATE, RunPaths, RunStateError
 
 # RLConfig keys whose change makes a resumed run differ from an uninterrupted one.
 RESUME_BREAKING = (
-    "source", "checkpoint", "model_tag", "model_step", "generation", "tokenizer_dir", "dtype",
+    "source", "checkpoint", "model_tag", "model_step", "generation", "tokenizer_dir", "dtype", "attention",
     "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "temperature",
     "top_k", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
     "num_epochs", "num_steps", "seed", "task", "data_dir", "advantage", "token_norm",
