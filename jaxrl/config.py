@@ -27,10 +27,10 @@ from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
 GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
-SOURCES = ("sft", "mid", "demo")
+SOURCES = ("sft", "mid")
 ADVANTAGES = ("mean", "zscore")
 TOKEN_NORMS = ("pass", "global")
-BUILTIN_TASKS = ("gsm8k", "arith", "demo")
+BUILTIN_TASKS = ("gsm8k", "arith")
 
 
 class ConfigError(ValueError):
@@ -67,8 +67,7 @@ class RLConfig:
     run: str = _nc("dummy", 'Run name for logging and the run folder <out_dir>/<run> (a folder name, no "/"); '
                    '"dummy" disables wandb (as nanochat).')
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
-                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py), and '
-                      "checkpoint, generation, model_tag, model_step, tokenizer_dir must stay unset.", SOURCES)
+                      "mid_checkpoints).", SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
     device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).")
@@ -99,7 +98,7 @@ class RLConfig:
                                 "dict does not record it, docs/nanochat.md#generations).", choices=GENERATIONS)
     tokenizer_dir: str | None = _f(None, "Folder holding tokenizer.pkl; None = next to the "
                                    "checkpoint, where nanochat keeps it (<base>/tokenizer).")
-    task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", "demo", or a directory holding '
+    task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", or a directory holding '
                    "train.jsonl and test.jsonl in GSM8K's format.")
     data_dir: str | None = _f(None, "Local train.jsonl/test.jsonl for the named task; None = the hub.")
     out_dir: str = _f("runs", "Where checkpoints, logs and config.toml are written (<out_dir>/<run>).")
@@ -146,13 +145,8 @@ class RLConfig:
     log_every: int = _f(1, "Print and log the step metrics every this many steps.")
     export_nanochat: bool = _f(True, "Also write nanochat-format .pt checkpoints (needs torch).")
 
-    # ---- jaxrl: the built-in task and the demo's warm start (source = "demo") ----
-    arith_difficulty: int = _f(2, 'Built-in "arith"/"demo" task: the most calculator steps per problem (1-3).')
-    warmstart_steps: int = _f(600, "Most supervised warm-start steps of the demo model before RL.")
-    warmstart_batch_size: int = _f(32, "Demonstrations per warm-start step (a multiple of device_batch_size).")
-    warmstart_eval_every: int = _f(50, "Run pass@k (as the RL eval) every this many warm-start steps.")
-    warmstart_pass1_min: float = _f(0.3, "The warm start stops at the first eval whose pass@1 reaches this.")
-    warmstart_pass1_max: float = _f(0.5, "Top of the pass@1 band RL should start from; overshooting it is reported.")
+    # ---- jaxrl: the built-in task ----
+    arith_difficulty: int = _f(2, 'Built-in "arith" task: the most calculator steps per problem (1-3).')
 
     # ---- jaxrl: multi-host ----
     coordinator_address: str | None = _f(None, 'jax.distributed coordinator "host:port"; '

@@ -13,14 +13,14 @@ from jaxrl.config import BUILTIN_TASKS, FIELDS, RLConfig
 _RANGES = (  # (fields, predicate on a non-None value, the requirement in words)
     (("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs",
       "save_every", "eval_every", "eval_examples", "log_every", "num_steps", "stop_after_steps", "eval_num_samples",
-      "num_processes", "warmstart_steps", "warmstart_batch_size", "warmstart_eval_every"), lambda v: v >= 1,
+      "num_processes"), lambda v: v >= 1,
      "a positive integer"),
     (("arith_difficulty",), lambda v: 1 <= v <= 3, "1, 2 or 3"),
     (("top_k", "max_nonfinite_skips", "zero_reward_warn_steps", "model_step", "process_id", "train_chunk_rows"), lambda v: v >= 0, ">= 0"),
     (("seed", "eval_seed"), lambda v: 0 <= v < 2**32, "in [0, 2**32) (sampling keys are 32-bit)"),
     (("temperature", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay"),
      lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    (("init_lr_frac", "warmstart_pass1_min", "warmstart_pass1_max"), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("init_lr_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
 )
 
 
@@ -47,20 +47,13 @@ def problems(c: RLConfig, world_size: int) -> list[str]:
                  f"set examples_per_step to {_near_multiples(e, world_size)}, or run on a number of "
                  f"devices that divides {e}")
     if not c.task.strip():
-        p.append('task must be "gsm8k", "arith", "demo" or a directory, found an empty string')
+        p.append('task must be "gsm8k", "arith" or a directory, found an empty string')
     elif c.task not in BUILTIN_TASKS and c.data_dir is not None:
         p.append(f"task is a directory ({c.task!r}) and data_dir is also set ({c.data_dir!r}): "
                  f"set only one (data_dir is for the named tasks {', '.join(BUILTIN_TASKS)})")
     if c.run.strip() in ("", ".", "..") or "/" in c.run:
         p.append(f"run must be a folder name (the run directory is <out_dir>/<run>), found {c.run!r}: "
                  'set run = "my-run"')
-    if c.source == "demo":
-        p += [f"source = 'demo' trains its own model and tokenizer, so {k} = {getattr(c, k)!r} would be ignored: "
-              f"remove {k}, or set source = 'sft' (or 'mid') to start from the checkpoint"
-              for k in ("checkpoint", "generation", "model_tag", "model_step", "tokenizer_dir")
-              if getattr(c, k) is not None]
-    if c.warmstart_pass1_min > c.warmstart_pass1_max:
-        p.append(f"warmstart_pass1_min {c.warmstart_pass1_min} > warmstart_pass1_max {c.warmstart_pass1_max}: swap them")
     if c.coordinator_address is not None and ":" not in c.coordinator_address:
         p.append(f"coordinator_address must be host:port, found {c.coordinator_address!r}")
     if c.num_processes is not None and c.process_id is not None and c.process_id >= c.num_processes:

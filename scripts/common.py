@@ -76,7 +76,7 @@ def _load_run_dir(run_dir: Path, step):
 
 
 def open_task(task: str, data_dir, split: str, difficulty: int = 2):
-    """gsm8k (hub, or data_dir), arith/demo (built-in generator at `difficulty`, or data_dir), or a folder of jsonl."""
+    """gsm8k (hub, or data_dir), arith (built-in generator at `difficulty`, or data_dir), or a folder of jsonl."""
     return tasks.open_task(task, data_dir, split, difficulty=difficulty)
 
 

@@ -2,8 +2,8 @@
 
     python scripts/plot_metrics.py RUN_DIR
 
-Called at the end of every train_rl.py run. Warm-start rows (phase "warmstart", source = "demo")
-come first on the x axis; the RL steps follow from where the warm start ended (a dotted line), so
+Called at the end of every train_rl.py run. Warm-start rows (phase "warmstart", which scripts/demo.py
+puts in front) come first on the x axis; the RL steps follow from where the warm start ended (a dotted line), so
 RL's step-0 eval sits on the warm start's last one.
 """
 import argparse
