@@ -206,7 +206,7 @@ def test_data_dir_missing_or_a_file(tmp_path):
         open_task("arith", tmp_path / "nope", "train")
     with raises(FileNotFoundError, f"data_dir '{tmp_path / 'f'}' is a file, not a directory"):
         open_task("gsm8k", tmp_path / "f", "test")
-    with raises(FileNotFoundError, f"task directory '{tmp_path / 'nope'}' does not exist", "'gsm8k', 'arith'"):
+    with raises(FileNotFoundError, f"task directory '{tmp_path / 'nope'}' does not exist", "'gsm8k' or 'arith'"):
         open_task(str(tmp_path / "nope"), None, "train")
 
 
