@@ -106,14 +106,21 @@ def test_rl_ran_on_the_warm_start_import_dir(demo_run):
     """The warm start's result is an ordinary jaxrl import dir, and the RL job started from it."""
     import tomllib
 
+    import jax
+    import numpy as np
+
     from jaxrl.checkpoint_io import load_jaxrl_import
     from jaxrl.metrics import read_metrics
+    from jaxrl.model import flatten_params, init_params
 
     _, run_dir, _ = demo_run
     policy = run_dir / "warmstart" / "policy"
-    config, _, info = load_jaxrl_import(policy)
+    config, params, info = load_jaxrl_import(policy)
     assert (config.n_layer, config.n_embd, config.vocab_size, config.generation) == (2, 128, 512, "gen-2026-07")
     assert info["source"]["kind"] == "demo" and info["warmstart"]["steps"] == 3
+    init = flatten_params(init_params(config, jax.random.key(0)))  # seed 0's random init
+    moved = [not np.array_equal(init[k], v) for k, v in flatten_params(params).items()]
+    assert all(moved), "the import holds the random init, not the warm-started model"
     assert tomllib.loads((run_dir / "config.toml").read_text())["checkpoint"] == str(policy)
     assert (policy / "tokenizer" / "tokenizer.pkl").read_bytes() == (run_dir / "tokenizer" / "tokenizer.pkl").read_bytes()
     # the same params, eval settings and keys: RL's step-0 eval repeats the warm start's last one
