@@ -122,7 +122,8 @@ def test_rl_ran_on_the_warm_start_import_dir(demo_run):
     moved = [not np.array_equal(init[k], v) for k, v in flatten_params(params).items()]
     assert all(moved), "the import holds the random init, not the warm-started model"
     assert tomllib.loads((run_dir / "config.toml").read_text())["checkpoint"] == str(policy)
-    assert (policy / "tokenizer" / "tokenizer.pkl").read_bytes() == (run_dir / "tokenizer" / "tokenizer.pkl").read_bytes()
+    pkl = "tokenizer/tokenizer.pkl"
+    assert (policy / pkl).read_bytes() == (run_dir / pkl).read_bytes()
     # the same params, eval settings and keys: RL's step-0 eval repeats the warm start's last one
     evals = [r for r in read_metrics(run_dir) if r["event"] == "eval"]
     drop = ("step", "phase")
@@ -170,7 +171,7 @@ def test_eval_rl_on_the_run_dir(demo_run, tmp_path):
 @pytest.mark.slow
 def test_rerun_without_resume_is_refused_before_touching_the_run(demo_run):
     tmp, run_dir, _ = demo_run
-    files = [run_dir / "metrics.jsonl", run_dir / "warmstart" / "metrics.jsonl", run_dir / "tokenizer" / "tokenizer.pkl"]
+    files = [run_dir / "metrics.jsonl", run_dir / "warmstart" / "metrics.jsonl", run_dir / "tokenizer/tokenizer.pkl"]
     before = [f.read_bytes() for f in files]
     proc = _demo(tmp, *SHORT)
     assert proc.returncode == 1 and "pass --resume to continue it" in proc.stderr, proc.stderr[-2000:]
