@@ -26,10 +26,10 @@ from pathlib import Path
 
 DTYPES = ("bfloat16", "float32")
 GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")  # nanochat's, docs/nanochat.md#generations
-SOURCES = ("sft", "mid", "demo")
+SOURCES = ("sft", "mid")
 ADVANTAGES = ("mean", "zscore")
 TOKEN_NORMS = ("pass", "global")
-BUILTIN_TASKS = ("gsm8k", "arith", "demo")
+BUILTIN_TASKS = ("gsm8k", "arith")
 ATTENTIONS = ("einsum", "xla", "cudnn")  # full-sequence attention kernels (jaxrl.model.full_attention)
 
 
@@ -81,8 +81,7 @@ class RLConfig:
     run: str = _nc("dummy", 'Run name for logging and the run folder <out_dir>/<run> (a folder name, no "/"); '
                    '"dummy" disables wandb (as nanochat).', check=RUN_NAME)
     source: str = _nc("sft", "Which nanochat checkpoint family to load from a base dir (chatsft_checkpoints or "
-                      'mid_checkpoints); "demo": none, warm-start a small model first (jaxrl/warmstart.py), and '
-                      "checkpoint, generation, model_tag, model_step, tokenizer_dir must stay unset.", SOURCES)
+                      "mid_checkpoints).", SOURCES)
     dtype: str = _nc("bfloat16", "Compute dtype of sampling and the loss forward; CPU configs should "
                      "set float32 (bfloat16 is slow and lossy on CPU).", DTYPES)
     device_batch_size: int = _nc(8, "Rows per forward pass (sampling and training).", check=POSITIVE)
@@ -113,7 +112,7 @@ class RLConfig:
                                 "dict does not record it, docs/nanochat.md#generations).", choices=GENERATIONS)
     tokenizer_dir: str | None = _f(None, "Folder holding tokenizer.pkl; None = next to the "
                                    "checkpoint, where nanochat keeps it (<base>/tokenizer).")
-    task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", "demo", or a directory holding '
+    task: str = _f("gsm8k", 'Training/eval task: "gsm8k", "arith", or a directory holding '
                    "train.jsonl and test.jsonl in GSM8K's format.", check=TASK)
     data_dir: str | None = _f(None, "Local train.jsonl/test.jsonl for the named task; None = the hub.")
     out_dir: str = _f("runs", "Where checkpoints, logs and config.toml are written (<out_dir>/<run>).")
@@ -161,14 +160,9 @@ class RLConfig:
     log_every: int = _f(1, "Print and log the step metrics every this many steps.", check=POSITIVE)
     export_nanochat: bool = _f(True, "Also write nanochat-format .pt checkpoints (needs torch).")
 
-    # ---- jaxrl: the built-in task and the demo's warm start (source = "demo") ----
-    arith_difficulty: int = _f(2, 'Built-in "arith"/"demo" task: the most calculator steps per problem (1-3).',
+    # ---- jaxrl: the built-in task ----
+    arith_difficulty: int = _f(2, 'Built-in "arith" task: the most calculator steps per problem (1-3).',
                                check=DIFFICULTY)
-    warmstart_steps: int = _f(600, "Most supervised warm-start steps of the demo model before RL.")
-    warmstart_batch_size: int = _f(32, "Demonstrations per warm-start step (a multiple of device_batch_size).")
-    warmstart_eval_every: int = _f(50, "Run pass@k (as the RL eval) every this many warm-start steps.")
-    warmstart_pass1_min: float = _f(0.3, "The warm start stops at the first eval whose pass@1 reaches this.")
-    warmstart_pass1_max: float = _f(0.5, "Top of the pass@1 band RL should start from; overshooting it is reported.")
 
     # ---- jaxrl: kernels ----
     attention: str = _f("einsum", "Attention of training and prefill (decoding always uses the sampler's cache "
@@ -234,7 +228,9 @@ def _field_problem(name: str, value) -> str | None:
     """What is wrong with one field's value on its own (its choices, its range check), or None."""
     choices, check = FIELDS[name].metadata["choices"], FIELDS[name].metadata["check"]
     if choices and value is not None and value not in choices:
-        return f"{name} must be one of {', '.join(map(repr, choices))}, found {value!r}"
+        demo = name == "source" and value == "demo"  # an earlier release's built-in demo
+        return (f"{name} must be one of {', '.join(map(repr, choices))}, found {value!r}"
+                + (": the demo is scripts/demo.py now (it warm-starts a small model, then runs train_rl)" if demo else ""))
     return _range_problem(name, value, check) if check else None
 
 
@@ -266,17 +262,6 @@ def _cross_field_problems(c: RLConfig, world_size: int) -> list[str]:
                  f"set only one (data_dir is for the named tasks {', '.join(BUILTIN_TASKS)})")
     if c.num_processes is not None and c.process_id is not None and c.process_id >= c.num_processes:
         p.append(f"process_id ({c.process_id}) must be < num_processes ({c.num_processes})")
-    # the demo's warm start (source = "demo")
-    ws = {"warmstart_steps": POSITIVE, "warmstart_batch_size": POSITIVE, "warmstart_eval_every": POSITIVE,
-          "warmstart_pass1_min": FRACTION, "warmstart_pass1_max": FRACTION}
-    p += [m for n, check in ws.items() if (m := _range_problem(n, getattr(c, n), check))]
-    if c.source == "demo":
-        p += [f"source = 'demo' trains its own model and tokenizer, so {k} = {getattr(c, k)!r} would be ignored: "
-              f"remove {k}, or set source = 'sft' (or 'mid') to start from the checkpoint"
-              for k in ("checkpoint", "generation", "model_tag", "model_step", "tokenizer_dir")
-              if getattr(c, k) is not None]
-    if c.warmstart_pass1_min > c.warmstart_pass1_max:
-        p.append(f"warmstart_pass1_min {c.warmstart_pass1_min} > warmstart_pass1_max {c.warmstart_pass1_max}: swap them")
     return p
 
 
@@ -347,9 +332,16 @@ def _type_hint(base, value) -> str:
     return ""
 
 
+# Keys an earlier release had, and where their setting went.
+REMOVED_KEYS = {k: f"the demo's warm start moved out of the library: pass --{k} to scripts/demo.py" for k in (
+    "warmstart_steps", "warmstart_batch_size", "warmstart_eval_every", "warmstart_pass1_min", "warmstart_pass1_max")}
+
+
 def config_key(raw: str, source: str) -> str:
     """The field named by `raw` (`-` and `_` alike); UnknownKeyError names the closest keys."""
     key = raw.strip().replace("-", "_")
+    if key in REMOVED_KEYS:
+        raise UnknownKeyError(f"config key '{raw}' {source} was removed: {REMOVED_KEYS[key]}")
     if key not in FIELDS:
         near = difflib.get_close_matches(key, list(FIELDS), n=3, cutoff=0.6)
         hint = f"; closest valid keys: {', '.join(near)}" if near else f"; valid keys: {', '.join(FIELDS)}"

@@ -125,55 +125,6 @@ def _checked_state(state, path):
     return state
 
 
-def train_bpe(texts, vocab_size: int, name: str = "rustbpe") -> tiktoken.Encoding:
-    """A byte-level BPE over `texts` with nanochat's split pattern and specials, as a tiktoken Encoding.
-
-    A small stand-in for nanochat's rustbpe trainer (for the demo, which downloads nothing):
-    ranks 0..255 are the bytes, then each merge of the most frequent adjacent pair inside the
-    split chunks (ties go to the pair seen first, so training is deterministic) adds
-    the next rank, until `vocab_size - 9` ranks; the nine specials follow. A merge whose bytes
-    already have a rank (reached through another pair) is applied without a new rank.
-    `pickle.dumps` of the result is a tokenizer.pkl that nanochat and `load_encoding` read.
-    """
-    import regex  # tiktoken's own dependency; Python's re lacks \p{L}
-
-    n_ranks = vocab_size - len(SPECIAL_TOKENS)
-    if n_ranks < 256:
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + 9 specials), got {vocab_size}")
-    counts: dict[str, int] = {}
-    for text in texts:
-        for chunk in regex.findall(SPLIT_PATTERN, text):
-            counts[chunk] = counts.get(chunk, 0) + 1
-    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in counts]
-    freqs = list(counts.values())
-    ranks = {bytes([i]): i for i in range(256)}
-    while len(ranks) < n_ranks:
-        pairs: dict[tuple[bytes, bytes], int] = {}
-        for word, f in zip(words, freqs):
-            for pair in zip(word, word[1:]):
-                pairs[pair] = pairs.get(pair, 0) + f
-        if not pairs:
-            break  # every chunk is one token: the corpus is exhausted
-        best = max(pairs, key=pairs.get)  # ties: the pair seen first
-        merged = best[0] + best[1]
-        ranks.setdefault(merged, len(ranks))
-        words = [_merge(word, best, merged) for word in words]
-    specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-
-
-def _merge(word: list[bytes], pair: tuple[bytes, bytes], merged: bytes) -> list[bytes]:
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-            out.append(merged)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
-
-
 class Tokenizer:
     """nanochat's tokenizer API (`RustBPETokenizer`) over a tiktoken Encoding."""
 

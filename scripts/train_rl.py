@@ -83,25 +83,20 @@ with run_state.exit_on_bad_input():  # every input is checked here, before anyth
     test_task = tasks.open_task(cfg.task, cfg.data_dir, "test", difficulty=cfg.arith_difficulty)
     num_steps = cfg.resolve_num_steps(len(train_task))
     data_fp = {"train": run_state.data_fingerprint(train_task), "test": run_state.data_fingerprint(test_task)}
-    if cfg.source != "demo":
-        model_config, params, tokenizer, policy_info = run_state.load_policy(
-            cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
-            tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
-        rollout.check_prompt_lengths(model_config, tokenizer, train_task, min(len(train_task), num_steps *
-                                     cfg.examples_per_step), cfg.max_new_tokens, "training")
-        rollout.check_prompt_lengths(model_config, tokenizer, test_task, min(len(test_task), cfg.eval_examples),
-                                     cfg.max_new_tokens, "test")
-if cfg.source == "demo":
-    from jaxrl import warmstart
-
-    model_config, params, tokenizer, policy_info = warmstart.demo_policy(cfg, run_dir, mesh)
+    model_config, params, tokenizer, policy_info = run_state.load_policy(
+        cfg.checkpoint, generation=cfg.generation, model_step=cfg.model_step, model_tag=cfg.model_tag,
+        tokenizer_dir=cfg.tokenizer_dir, source=cfg.source)
+    rollout.check_prompt_lengths(model_config, tokenizer, train_task, min(len(train_task), num_steps *
+                                 cfg.examples_per_step), cfg.max_new_tokens, "training")
+    rollout.check_prompt_lengths(model_config, tokenizer, test_task, min(len(test_task), cfg.eval_examples),
+                                 cfg.max_new_tokens, "test")
 model_config = model_config.replace(compute_dtype=cfg.dtype, attention=cfg.attention)
 if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
     print0("note: dtype=bfloat16 on a CPU is slow and rounds like nanochat's GPU path; set dtype=float32 here")
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
 specials = tokenizer.specials
-tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)  # shared with the warm start
+tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)
 
 # ------------------------------------------------------------------------------------------
 # Optimizer, state, resume
@@ -128,8 +123,8 @@ def export_nanochat_or_warn(model_config, params, run_dir, step, info):
 
 
 def forget_from(step: int):
-    """Resuming at `step`: drop the RL log rows of steps >= step (they are redone; the demo's warm-start rows
-    stay) and killed exports' temp files."""
+    """Resuming at `step`: drop the RL log rows of steps >= step (they are redone; rows of an earlier phase,
+    such as the warm start scripts/demo.py puts in front, stay) and killed exports' temp files."""
     if paths.metrics.is_file():
         rows = [r for r in read_metrics(run_dir) if r.get("phase") == "warmstart" or r.get("step", 0) < step]
         tmp = paths.metrics.with_name(paths.metrics.name + ".tmp")
@@ -174,7 +169,7 @@ elif ckpt.latest_step() is not None:
     raise SystemExit(f"error: {ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): pass "
                      "--resume to continue that run, or choose another run name or out_dir")
 if start_step == 0 and (bad := nonfinite_leaves(params)):  # a restored state was checked by the restore
-    raise SystemExit(f"error: the policy from {cfg.checkpoint or cfg.source} holds NaN or inf in {len(bad)} tensors "
+    raise SystemExit(f"error: the policy from {cfg.checkpoint} holds NaN or inf in {len(bad)} tensors "
                      f"(first: {bad[0]}); training on it learns nothing: re-import or re-export a good checkpoint")
 if jax.process_index() == 0:
     run_state.write_run_record(run_dir, model_config, policy_info)

@@ -1,9 +1,8 @@
 """The built-in arith task: deterministic rows in GSM8K's format, disjoint splits, a working
-difficulty knob, reward 1 for the reference answer; and the in-process BPE the demo uses.
+difficulty knob, reward 1 for the reference answer.
 
 Run: `python -m pytest tests/test_arith_task.py -q`
 """
-import pickle
 import re
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from jaxrl.calculator import use_calculator
 from jaxrl.tasks import Task, extract_answer, open_task
 from jaxrl.tasks.arith import ArithTask, split_of
-from jaxrl.tokenizer import SPECIAL_TOKENS, Tokenizer, load_encoding, train_bpe
 
 SPAN = re.compile(r"<<([^=>]+)=([^>]+)>>(\d+)")
 
@@ -76,19 +74,3 @@ def test_bad_arguments_name_the_fix():
 
 def test_open_task_maps_names():
     assert isinstance(open_task("arith", None, "test", difficulty=1), ArithTask)
-    assert open_task("demo", None, "train").difficulty == 2
-
-
-def test_train_bpe_is_a_nanochat_tokenizer(tmp_path):
-    task = ArithTask("train")
-    texts = [task.row(i)["question"] for i in range(200)] + [task.row(i)["answer"] for i in range(200)]
-    enc = train_bpe(texts, 400)
-    assert enc.n_vocab == 400
-    assert [enc.encode_single_token(t) for t in SPECIAL_TOKENS] == list(range(391, 400))
-    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(enc))
-    tok = Tokenizer.from_directory(tmp_path)  # the safe loader accepts it
-    assert load_encoding(tmp_path / "tokenizer.pkl").encode("Leo has 12 apples.") == enc.encode("Leo has 12 apples.")
-    text = texts[0] + " ünïcode ✓"
-    assert tok.decode(tok.encode(text)) == text
-    assert len(tok.encode(texts[0])) < 0.6 * len(texts[0].encode())  # merges learned the corpus
-    assert train_bpe(texts, 400)._mergeable_ranks == enc._mergeable_ranks  # deterministic

@@ -50,8 +50,7 @@ RESUME_BREAKING = (
     "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "temperature",
     "top_k", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
     "num_epochs", "num_steps", "seed", "task", "data_dir", "advantage", "token_norm",
-    "train_on_end_token", "train_chunk_rows", "train_skip_zero_advantage", "arith_difficulty", "warmstart_steps", "warmstart_batch_size",
-    "warmstart_eval_every", "warmstart_pass1_min", "warmstart_pass1_max",
+    "train_on_end_token", "train_chunk_rows", "train_skip_zero_advantage", "arith_difficulty",
 )
 # Keys that only touch naming, logging, evaluation, saving or process layout.
 RESUME_SAFE = (

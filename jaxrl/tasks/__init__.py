@@ -31,13 +31,13 @@ def load_task(name_or_dir: str | Path, split: str) -> GSM8K:
         return GSM8K(split, data_dir=name_or_dir)
     if any(sep in str(name_or_dir) for sep in ("/", "\\")):  # meant as a folder
         raise FileNotFoundError(f"task directory {str(name_or_dir)!r} does not exist: pass an existing folder "
-                                f"holding {split}.jsonl in GSM8K format, or 'gsm8k', 'arith' or 'demo'")
+                                f"holding {split}.jsonl in GSM8K format, or 'gsm8k' or 'arith'")
     raise ValueError(f"unknown task {str(name_or_dir)!r}: pass 'gsm8k' (Hugging Face hub openai/gsm8k) "
                      f"or a directory holding {split}.jsonl in GSM8K format")
 
 
 def open_task(name: str, data_dir, split: str, *, difficulty: int = 2):
-    """A task by config name: "arith"/"demo" without data_dir is the built-in generator
+    """A task by config name: "arith" without data_dir is the built-in generator
     (`ArithTask(split, difficulty)`); with data_dir, or "gsm8k", or a directory: `load_task`."""
     if data_dir is not None:
         if not Path(data_dir).is_dir():
@@ -46,7 +46,7 @@ def open_task(name: str, data_dir, split: str, *, difficulty: int = 2):
                                     f"test.jsonl in GSM8K's format, or leave data_dir unset for task {name!r}'s "
                                     "default source")
         return load_task(data_dir, split)
-    if name in ("arith", "demo"):
+    if name == "arith":
         from jaxrl.tasks.arith import ArithTask
 
         return ArithTask(split, difficulty=difficulty)
