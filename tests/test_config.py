@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_config.py
 """
 import importlib.util
+import random
 import re
 import sys
 import tomllib
@@ -231,7 +232,7 @@ def test_examples_per_step_must_divide_over_data_parallel_size():
     ({"num_processes": 2, "process_id": 2}, "process_id (2) must be < num_processes (2)"),
     ({"coordinator_address": "localhost"}, "coordinator_address must be host:port"),
     ({"attention": "flash"}, "attention must be one of 'einsum', 'xla', 'cudnn', found 'flash'"),
-    ({"task": " "}, "task must be \"gsm8k\", \"arith\", \"demo\" or a directory, found ' '"),
+    ({"task": " "}, "task must be \"gsm8k\", \"arith\" or a directory, found ' '"),
 ])
 def test_range_checks_name_key_and_value(kw, words):
     with pytest.raises(ConfigValueError) as e:
@@ -323,3 +324,16 @@ def test_docs_mention_every_key_and_every_key_has_help():
     for name, _default, type_, help_ in describe_fields():
         assert f"| `{name}` |" in text, f"docs/configs.md lacks the key {name}"
         assert help_.strip() and type_, f"{name} has no help or type"
+
+
+def test_keys_of_the_removed_built_in_demo_say_where_they_went():
+    """The warm start's keys and source = "demo" left RLConfig for scripts/demo.py; an old config
+    naming them gets that answer, not a bare 'unknown key'."""
+    from jaxrl.config import REMOVED_KEYS
+
+    key = random.choice(sorted(REMOVED_KEYS))
+    with pytest.raises(ConfigError, match=f"config key '{key}' in test was removed: .*--{key} to scripts/demo.py"):
+        RLConfig.from_dict({key: 10}, "in test")
+    with pytest.raises(ConfigValueError, match="source must be one of 'sft', 'mid', found 'demo': the demo is "
+                                               "scripts/demo.py"):
+        RLConfig(source="demo")

@@ -72,3 +72,17 @@ def test_directories_written_before_the_package_load(tmp_path):
     assert meta == {"step": 1, "next_step": 2} and int(state["step"]) == 1
     assert _digests(state["params"]) == expected and {np.asarray(x).dtype for x in flatten_params(
         state["params"]).values()} == {np.dtype(np.float32)}
+
+
+def test_a_config_saved_by_an_earlier_release_resumes():
+    """Before the attention key and before the demo left RLConfig, a saved config had warmstart_* keys
+    and no attention: resuming it with today's equal config is no change; a real change still breaks."""
+    from jaxrl.config import REMOVED_KEYS, RLConfig
+
+    now = RLConfig(checkpoint="ck", num_steps=3).to_dict()
+    old = {k: v for k, v in now.items() if k not in run_state.ADDED_KEYS} | {k: 1 for k in REMOVED_KEYS}
+    assert "attention" not in old and run_state.check_resume_compatible(old, now) == []
+    with pytest.raises(RunStateError, match="attention: saved 'einsum', now 'xla'"):
+        run_state.check_resume_compatible(old, {**now, "attention": "xla"})
+    with pytest.raises(RunStateError, match="seed: saved 0, now 1"):
+        run_state.check_resume_compatible(old, {**now, "seed": 1})

@@ -31,7 +31,7 @@ from jaxrl.run_state.integrity import (
     GENERATED_ROWS, Leaf, check_data, check_finite, check_param_shapes, check_tree, checksum_problem,
     data_fingerprint, nonfinite_leaves, tree_problems, write_checksums)
 from jaxrl.run_state.train_state import (
-    PATH_KEYS, RESUME_BREAKING, RESUME_SAFE, CheckpointManager, check_resume_compatible)
+    ADDED_KEYS, PATH_KEYS, RESUME_BREAKING, RESUME_SAFE, CheckpointManager, check_resume_compatible)
 from jaxrl.run_state.import_dir import (
     copy_tokenizer, load_jaxrl_import, load_run_dir, read_model_json, read_tree, save_jaxrl_import, write_tree)
 from jaxrl.run_state.policy import load_policy, write_run_record

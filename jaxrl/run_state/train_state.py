@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrl.config import RLConfig
+from jaxrl.config import REMOVED_KEYS, RLConfig
 from jaxrl.config_io import save_config
 from jaxrl.run_state.integrity import Leaf, check_tree, checksum_problem, nonfinite_leaves, write_checksums
 from jaxrl.run_state.paths import CHECKSUMS, CONFIG_TOML, META, STATE, RunPaths, RunStateError
@@ -58,6 +58,9 @@ RESUME_SAFE = (
     "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
     "num_processes", "process_id", "zero_reward_warn_steps", "allow_data_change",
 )
+# What a config saved by an earlier release lacks or holds extra: keys added since (with the value
+# those runs used) and keys removed since (settings that moved out of RLConfig, meaningless to a resume).
+ADDED_KEYS = {"attention": "einsum"}
 # Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
@@ -344,6 +347,7 @@ def check_resume_compatible(saved_config: dict, new_config: dict) -> list[str]:
     missing from one side counts as changed; a changed key in neither tuple counts as breaking.
     PATH_KEYS compare as resolved paths (against the current directory): relative equals absolute.
     """
+    saved_config = {**ADDED_KEYS, **{k: v for k, v in saved_config.items() if k not in REMOVED_KEYS}}
     missing = object()
     same = lambda k, a, b: a == b or (k in PATH_KEYS and isinstance(a, str) and isinstance(b, str)
                                       and os.path.realpath(a) == os.path.realpath(b))
