@@ -97,7 +97,8 @@ def _sft_step(cfg, config: GPTConfig, mesh):
         raise ValueError(f"warmstart_batch_size ({rows}) must be a multiple of device_batch_size ({dbs}) x "
                          f"{n_dev} devices; set warmstart_batch_size to {max(1, rows // (dbs * n_dev)) * dbs * n_dev}")
     optimizer = optim.build_optimizer(config, num_steps=WARMSTART_LR_STEPS, init_lr_frac=1.0, **WARMSTART_LRS)
-    return rl.compiled_train_step(config, rl.LossSpec(dbs, 1, rows // dbs, "global"), optimizer, mesh), optimizer
+    spec = rl.LossSpec(device_batch_size=dbs, num_passes=1, examples_per_step=rows // dbs, token_norm="global")
+    return rl.compiled_train_step(config, spec, optimizer, mesh), optimizer
 
 
 def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task, test_task, mesh,
@@ -120,8 +121,8 @@ def warm_start(cfg, config: GPTConfig, params, tokenizer: Tokenizer, train_task,
         idx = (start + step * rows + np.arange(rows)) % len(train_task)
         batch, seq_len = demonstration_batch(tokenizer, train_task, idx, config.sequence_len)
         t = time.perf_counter()
-        packed = rl.pack(batch, tokenizer.specials.assistant_end, sharding.data_size(mesh), cfg.device_batch_size)
-        params, opt_state, m = train_step(params, opt_state, jax.device_put(packed, sharding.data_sharding(mesh)))
+        packed = rl.global_batch(batch, mesh, pad_id=tokenizer.specials.assistant_end, chunk=cfg.device_batch_size)
+        params, opt_state, m = train_step(params, opt_state, packed)
         m = jax.device_get(m)
         if m.skipped:
             raise FloatingPointError(f"warm-start step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}; "

@@ -1,7 +1,7 @@
 """`python scripts/bench.py train` and `rl-step`: the REINFORCE update alone, and one whole RL step.
 
 train: a random (rows, seq_len) batch (the first third of each row untrained, as a prompt is; random
-advantages) through the REINFORCE forward+backward (`rl._grads_and_metrics`, jitted) in chunks of
+advantages) through the REINFORCE forward+backward (`rl.grads_and_metrics`, jitted) in chunks of
 `--chunk-rows` rows (default `--device-batch-size`, as train_rl runs it; gradients accumulated over
 a scan): `tokens_per_s`, `mfu`; and with the whole batch in one chunk (`*_one_pass`; null where it
 does not fit in memory). Then the optimizer update alone and the whole `rl.compiled_train_step`.
@@ -29,7 +29,7 @@ import bench_device
 import bench_profile
 import common
 from bench_setup import make_tool
-from jaxrl import distributed, optim, rl, rollout, sampler, sharding
+from jaxrl import optim, rl, rollout, sampler, sharding
 from jaxrl.metrics import MetricsWriter
 
 
@@ -58,14 +58,14 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     if rows % sharding.data_size(mesh) or local % chunk or local % args.device_batch_size:
         raise SystemExit(f"--rows {rows} must split into {sharding.data_size(mesh)} device(s) x whole chunks of "
                          f"--chunk-rows {chunk} and whole passes of --device-batch-size {args.device_batch_size}")
-    batch = distributed.global_batch(random_batch(config, rows, T, args.seed), mesh, 0, chunk)
+    batch = rl.global_batch(random_batch(config, rows, T, args.seed), mesh, pad_id=0, chunk=chunk)
     flops = bench_device.train_flops_per_token(config, T) * rows * T
     out = {"rows": rows, "seq_len": T, "tokens": rows * T, "flops_per_step": flops,
            "device_batch_size": args.device_batch_size, "chunk_rows": args.chunk_rows or args.device_batch_size}
     table, dbs, fns = [], args.device_batch_size, []
     for suffix, c in (("", chunk), ("_one_pass", local))[: 1 if local == chunk else 2]:
-        spec = rl.LossSpec(dbs, local // dbs, 1, chunk_rows=c)
-        fn = jax.jit(functools.partial(rl._grads_and_metrics, config, spec, mesh))
+        spec = rl.LossSpec(device_batch_size=dbs, num_passes=local // dbs, examples_per_step=1, chunk_rows=c)
+        fn = jax.jit(functools.partial(rl.grads_and_metrics, config, spec, mesh))
         fns.append(fn)
         try:
             first, s = _first_and_median(lambda: fn(ctx.params, batch), args.repeats)
@@ -83,7 +83,7 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     if local == chunk:  # one chunk is the whole batch: the same program
         out.update({f"{k}_one_pass": out[k] for k in ("fwdbwd_s", "tokens_per_s", "mfu", "compile_s")})
     grads = fns[0](ctx.params, batch)[0]
-    spec = rl.LossSpec(dbs, local // dbs, 1, chunk_rows=chunk)
+    spec = rl.LossSpec(device_batch_size=dbs, num_passes=local // dbs, examples_per_step=1, chunk_rows=chunk)
     optimizer = optim.build_optimizer(config, num_steps=100)
     opt_state = jax.jit(optimizer.init)(ctx.params)
 
@@ -159,7 +159,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     optimizer = optim.build_optimizer(config, num_steps=num_steps + bool(args.profile))
     params = jax.device_put(jax.tree.map(jnp.copy, ctx.params), sharding.replicated(mesh))
     opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
-    loss_spec = rl.LossSpec(dbs, S // dbs, Q, chunk_rows=args.chunk_rows)
+    loss_spec = rl.LossSpec(device_batch_size=dbs, num_passes=S // dbs, examples_per_step=Q, chunk_rows=args.chunk_rows)
     train_step = rl.compiled_train_step(config, loss_spec, optimizer, mesh)
     sargs = rollout.SamplingArgs(S, M, args.temperature, args.top_k, args.seed)
     train_len = 0
@@ -168,15 +168,16 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
 
         def one_step(step: int) -> dict:
             nonlocal params, opt_state, train_len
-            compiled_before = (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
+            compiled_before = (sampler.TRACE_COUNTS.get("rollout", 0), rl.TRACE_COUNTS.get("train_step", 0))
             task.seconds, tool_s = 0.0, (tool.seconds if tool else 0.0)
             t0 = time.perf_counter()
             questions = np.arange(step * Q, (step + 1) * Q) % len(task)
-            res = rollout.run_round(config, params, tok, task, questions, sargs, tool=tool, step=step, mesh=mesh)
+            res = rollout.run_round(config, params, tokenizer=tok, task=task, indices=questions, args=sargs, tool=tool,
+                                    step=step, mesh=mesh)
             t1 = time.perf_counter()
             batch = rollout.make_batch(res, S, specials.assistant_end)
-            batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
-                                             group=S)
+            batch = rl.global_batch(batch, mesh, pad_id=specials.assistant_end, chunk=loss_spec.chunk_rows,
+                                    min_len=train_len, group=S)
             train_len = batch.inputs.shape[1]
             t2 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, batch)
@@ -184,7 +185,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             t3 = time.perf_counter()
             _log_step(writer, config, step, num_steps, res, m, t2 - t1, t3 - t2)
             t4 = time.perf_counter()
-            recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
+            recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), rl.TRACE_COUNTS.get("train_step", 0))
             return {"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
                     "train_s": t3 - t2, "logging_s": t4 - t3, "gen_tokens": res.gen_tokens,
                     "train_tokens": int(np.sum(jax.device_get(batch.bins))) * train_len,
