@@ -142,7 +142,7 @@ def test_nonfinite_step_is_skipped():
 LOSS_RTOL, GRAD_RTOL = 2e-6, 2e-5
 
 
-@pytest.mark.parametrize("seed,n_dev", [(0, 1), (1, 2), (2, 3), (3, 8)])
+@pytest.mark.parametrize("seed,n_dev", [(2, 1), (8, 2), (4, 3), (4, 8)])  # passes of 3, 1, 2, 2 rows
 def test_fast_path_equals_pg_loss(seed, n_dev):
     """Property: the train step's fast path (rl.global_batch on n_dev simulated devices, chunks
     scanned per device, the cross-device sum) gives rl.pg_loss and its gradient, on fresh random
