@@ -28,8 +28,8 @@ The fast path (`train_step`, jitted), equal to `pg_loss` and its gradient up to 
 - each device scans over chunks of `chunk_rows` bins accumulating gradients; per-row weights
   (`row_weights`, computed from the unpacked rows) carry the per-pass normalisation, so neither
   packing nor chunking changes the objective;
-- gradients are summed across devices in a fixed tree, and the optimizer update runs
-  replicated; a non-finite loss or gradient skips it.
+- gradients are summed across devices (in a fixed tree on a power of two of devices), and the
+  optimizer update runs replicated; a non-finite loss or gradient skips it.
 
 Test: `pytest tests/test_rl.py tests/test_rl_golden.py`.
 """
