@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks import device as bench_device
 from benchmarks import profiling
 from benchmarks.context import make_tool
-from jaxrl import distributed, metrics, optim, rl, rollout, sampler, sharding
+from jaxrl import metrics, optim, rl, rollout, sampler, sharding
 from jaxrl.tokenizer import SpecialIds
 
 
@@ -55,7 +55,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     optimizer = optim.build_optimizer(config, num_steps=num_steps + bool(args.profile))
     params = jax.device_put(jax.tree.map(jnp.copy, ctx.params), sharding.replicated(mesh))
     opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
-    loss_spec = rl.LossSpec(dbs, S // dbs, Q, chunk_rows=args.chunk_rows)
+    loss_spec = rl.LossSpec(device_batch_size=dbs, num_passes=S // dbs, examples_per_step=Q, chunk_rows=args.chunk_rows)
     train_step = rl.compiled_train_step(config, loss_spec, optimizer, mesh)
     sargs = rollout.SamplingArgs(S, M, args.temperature, args.top_k, args.seed)
     train_len = 0
@@ -64,15 +64,16 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
 
         def one_step(step: int) -> dict:
             nonlocal params, opt_state, train_len
-            compiled_before = (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
+            compiled_before = (sampler.TRACE_COUNTS.get("rollout", 0), rl.TRACE_COUNTS.get("train_step", 0))
             task.seconds, tool_s = 0.0, (tool.seconds if tool else 0.0)
             t0 = time.perf_counter()
             questions = np.arange(step * Q, (step + 1) * Q) % len(task)
-            res = rollout.run_round(config, params, tok, task, questions, sargs, tool=tool, step=step, mesh=mesh)
+            res = rollout.run_round(config, params, tokenizer=tok, task=task, indices=questions, args=sargs, tool=tool,
+                                    step=step, mesh=mesh)
             t1 = time.perf_counter()
             batch = rollout.make_batch(res, S, specials.assistant_end)
-            batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
-                                             group=S)
+            batch = rl.global_batch(batch, mesh, pad_id=specials.assistant_end, chunk=loss_spec.chunk_rows,
+                                    min_len=train_len, group=S)
             train_len = batch.inputs.shape[1]
             t2 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, batch)
@@ -80,7 +81,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             t3 = time.perf_counter()
             _log_step(writer, config, step, num_steps, res, m, t2 - t1, t3 - t2)
             t4 = time.perf_counter()
-            recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), train_step._cache_size())
+            recompiled = compiled_before != (sampler.TRACE_COUNTS.get("rollout", 0), rl.TRACE_COUNTS.get("train_step", 0))
             return {"step_s": t4 - t0, "rollout_s": t1 - t0 - task.seconds, "reward_s": task.seconds + t2 - t1,
                     "train_s": t3 - t2, "logging_s": t4 - t3, "gen_tokens": res.gen_tokens,
                     "train_tokens": int(np.sum(jax.device_get(batch.bins))) * train_len,

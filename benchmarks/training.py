@@ -1,7 +1,7 @@
 """`python scripts/bench.py train`: the REINFORCE update alone (forward+backward, optimizer, whole step).
 
 A random (rows, seq_len) batch (the first third of each row untrained, as a prompt is; random
-advantages) through the REINFORCE forward+backward (`rl._grads_and_metrics`, jitted) in chunks of
+advantages) through the REINFORCE forward+backward (`rl.grads_and_metrics`, jitted) in chunks of
 `--chunk-rows` rows (default `--device-batch-size`, as train_rl runs it; gradients accumulated over
 a scan): `tokens_per_s`, `mfu`; and with the whole batch in one chunk (`*_one_pass`; null where it
 does not fit in memory). Then the optimizer update alone and the whole `rl.compiled_train_step`.
@@ -21,7 +21,7 @@ import optax
 
 from benchmarks import device as bench_device
 from benchmarks import profiling
-from jaxrl import distributed, optim, rl, sharding
+from jaxrl import optim, rl, sharding
 
 
 def random_batch(config, rows: int, seq_len: int, seed: int) -> rl.Batch:
@@ -49,14 +49,14 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     if rows % sharding.data_size(mesh) or local % chunk or local % args.device_batch_size:
         raise SystemExit(f"--rows {rows} must split into {sharding.data_size(mesh)} device(s) x whole chunks of "
                          f"--chunk-rows {chunk} and whole passes of --device-batch-size {args.device_batch_size}")
-    batch = distributed.global_batch(random_batch(config, rows, T, args.seed), mesh, 0, chunk)
+    batch = rl.global_batch(random_batch(config, rows, T, args.seed), mesh, pad_id=0, chunk=chunk)
     flops = bench_device.train_flops_per_token(config, T) * rows * T
     out = {"rows": rows, "seq_len": T, "tokens": rows * T, "flops_per_step": flops,
            "device_batch_size": args.device_batch_size, "chunk_rows": args.chunk_rows or args.device_batch_size}
     table, dbs, fns = [], args.device_batch_size, []
     for suffix, c in (("", chunk), ("_one_pass", local))[: 1 if local == chunk else 2]:
-        spec = rl.LossSpec(dbs, local // dbs, 1, chunk_rows=c)
-        fn = jax.jit(functools.partial(rl._grads_and_metrics, config, spec, mesh))
+        spec = rl.LossSpec(device_batch_size=dbs, num_passes=local // dbs, examples_per_step=1, chunk_rows=c)
+        fn = jax.jit(functools.partial(rl.grads_and_metrics, config, spec, mesh))
         fns.append(fn)
         try:
             first, s = _first_and_median(lambda: fn(ctx.params, batch), args.repeats)
@@ -74,7 +74,7 @@ def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     if local == chunk:  # one chunk is the whole batch: the same program
         out.update({f"{k}_one_pass": out[k] for k in ("fwdbwd_s", "tokens_per_s", "mfu", "compile_s")})
     grads = fns[0](ctx.params, batch)[0]
-    spec = rl.LossSpec(dbs, local // dbs, 1, chunk_rows=chunk)
+    spec = rl.LossSpec(device_batch_size=dbs, num_passes=local // dbs, examples_per_step=1, chunk_rows=chunk)
     optimizer = optim.build_optimizer(config, num_steps=100)
     opt_state = jax.jit(optimizer.init)(ctx.params)
 

@@ -1,9 +1,10 @@
 """Multi-process (multi-host) plumbing on JAX's own multi-controller runtime.
 
 Every process runs the same script. The step's questions are split into contiguous per-process
-shares in a fixed global order, each process samples its share on its own devices, and the
-training batch becomes one global array over the mesh of all devices, so the update equals a
-one-process run on the same total device count.
+shares in a fixed global order (`process_share`), each process samples its share on its own
+devices, and the learner assembles the training batch as one global array over the mesh of all
+devices (`rl.global_batch`), so the update equals a one-process run on the same total device
+count. This module holds only the runtime's initialisation and the per-process shares and gathers.
 
 `initialize(cfg)` calls `jax.distributed.initialize` when the config or the environment asks for
 more than one process: `coordinator_address`/`num_processes`/`process_id` from the config, else
@@ -23,8 +24,6 @@ import os
 
 import jax
 import numpy as np
-
-from jaxrl import rl, sharding
 
 
 def _env_int(name):
@@ -77,27 +76,3 @@ def mean_scalar(x: float) -> float:
 def sum_scalar(x: float) -> float:
     return float(np.sum(gather_rows(np.array([x], np.float64))))
 
-
-def global_batch(batch: rl.Batch, mesh, pad_id: int, chunk: int, min_len: int = 0,
-                 skip_zero_advantage: bool = True, group: int = 1) -> rl.Packed:
-    """Process-local rows -> packed arrays sharded over the data axis of the global mesh.
-
-    Every process pads its rows to the same length (the global maximum, at least `min_len`) and
-    packs each of its devices' rows (`rl.pack`; `group` rows, a question's samples, share their
-    prompt), so the global batch is exactly what one process
-    holding all rows would build.
-    """
-    T = int(np.max(gather_rows(np.array([batch.inputs.shape[1]]))))
-
-    def pad(a, value):
-        if a.ndim < 2 or a.shape[1] == T:
-            return a
-        return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)
-
-    local = rl.Batch(pad(batch.inputs, pad_id), pad(batch.targets, -1), batch.advantages, pad(batch.sampler_logp, 0))
-    n_local = sharding.data_size(mesh) // jax.process_count()
-    packed = rl.pack(local, pad_id, n_local, chunk, min_len, skip_zero_advantage, group)
-    target = sharding.data_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(packed, target)
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(target, a), packed)

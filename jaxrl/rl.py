@@ -1,23 +1,37 @@
-"""REINFORCE on rollouts: advantages, the padded batch, the token-normalised loss, the train step.
+"""nanochat chat_rl's objective (`pg_loss`), then the fast train step that computes it.
 
-Like nanochat's chat_rl.py, "GRPO" here is much simpler and closer to plain REINFORCE:
+The objective. For each question of the step, chat_rl samples `num_samples` completions, scores
+them with the task's reward, and sets advantage = reward − mean reward of that question's
+samples. It then runs the step's rows in passes of `device_batch_size` rows and accumulates
+gradients over the passes before one optimizer step:
+
+    for each pass (num_passes per question, examples_per_step questions):
+        logp = log-prob of each target token (targets −1: prompt, forced tool output, padding)
+        pg_obj = Σ logp · advantage / (valid targets of the pass · num_passes · examples_per_step)
+        (−pg_obj).backward()
+
+`pg_loss` below is that loop, summed, on plain padded rows on one device: the reference.
+Like chat_rl, this "GRPO" is much simpler than GRPO and closer to plain REINFORCE:
 1. no trust region: no KL to a reference model;
 2. on policy: no PPO ratio and clip;
-3. token-level normalisation (per micro-batch of `device_batch_size` rows, as nanochat), not
-   sequence-level;
-4. advantage = reward − mean reward over the samples of one question (no division by the std).
+3. token-level normalisation per pass of device_batch_size rows, not sequence-level;
+4. advantage = reward − mean reward over one question's samples (no division by the std).
 Options, each off by default: z-score advantages (`advantage = "zscore"`), one token
 normalisation over the whole step (`token_norm = "global"`), and training on the terminal
 `<|assistant_end|>` (`train_on_end_token`; never a target in nanochat: docs/nanochat.md#end-token-never-a-target).
 
-The train step is one jitted function: rows are split over the "data" mesh axis with shard_map,
-each device packs its rows end to end into bins (`pack`: no compute on padding, none on rows
-whose advantage is 0) and scans over chunks of bins accumulating gradients, gradients are summed
-across devices, and the optimizer update runs replicated. The normalisation is computed from the
-unpacked rows, so the objective is nanochat's whatever the packing. Non-finite loss or gradients
-skip the update.
+The fast path (`train_step`, jitted), equal to `pg_loss` and its gradient up to float32 rounding
+(tests/test_rl.py `test_fast_path_equals_pg_loss`):
+- `global_batch` assembles the step's rows for the mesh: split over the "data" axis, each
+  device's rows packed end to end into bins (`packing.pack`: no compute on padding, none on rows
+  whose advantage is 0, one copy of a question's prompt per bin);
+- each device scans over chunks of `chunk_rows` bins accumulating gradients; per-row weights
+  (`row_weights`, computed from the unpacked rows) carry the per-pass normalisation, so neither
+  packing nor chunking changes the objective;
+- gradients are summed across devices (in a fixed tree on a power of two of devices), and the
+  optimizer update runs replicated; a non-finite loss or gradient skips it.
 
-Test: `pytest tests/test_rl.py`.
+Test: `pytest tests/test_rl.py tests/test_rl_golden.py`.
 """
 from __future__ import annotations
 
@@ -30,15 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrl import distributed, sharding
 from jaxrl import model as gpt
-from jaxrl import sharding
+from jaxrl.packing import Packed, pack
 
 SEQ_BUCKET = 64  # training sequences are padded to a multiple of this: few compilations per run
+TRACE_COUNTS: dict[str, int] = {}  # how often train_step was traced (benchmarks count compiles)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSpec:
-    """Static knobs of the compiled train step."""
+    """How the step's rows are normalised (chat_rl's passes), and the fast path's chunk size."""
 
     device_batch_size: int  # rows per micro-batch (nanochat's pass)
     num_passes: int  # micro-batches per question: num_samples // device_batch_size
@@ -96,134 +112,67 @@ def build_batch(sequences, masks, advantages_, pad_id: int, *, sampler_logp=None
     return Batch(ids[:, :-1], targets, np.asarray(advantages_, np.float32), lp[:, 1:])
 
 
-class Packed(NamedTuple):
-    """A step's rows packed for training: on each device, rows are laid end to end in bins of T
-    tokens, and the samples of one question attend to one copy of their common prompt, so the
-    forward/backward runs on the tokens that carry a gradient (plus one prompt per bin) instead
-    of on every row padded to the longest one. Every token sees what it sees in its own row.
+# ------------------------------------------------------------------------------------------
+# The objective: chat_rl's loss, read top to bottom (the reference the fast path must equal)
 
-    Bin arrays (n_dev · bins_per_device, T) and row arrays (R,) are both split over the data axis:
-    device d holds bins [d·B, (d+1)·B) and rows [d·R/n, (d+1)·R/n), `rows` indexing the latter.
+
+def pg_loss(config, params, batch: Batch, spec: LossSpec) -> jax.Array:
+    """chat_rl's loss of one optimizer step: −Σ over passes of pg_obj, on one device.
+
+    `batch` holds the whole step's rows, question-major, so each pass of `device_batch_size` rows
+    is contiguous: R = device_batch_size · num_passes · examples_per_step. jax.grad of this is the
+    gradient chat_rl accumulates over its passes (and averages over ranks). The rows are
+    independent, so one forward over all of them gives every pass its log-probs.
     """
+    R, dbs = batch.inputs.shape[0], spec.device_batch_size
+    assert R == dbs * spec.num_passes * spec.examples_per_step, \
+        f"{R} rows are not {dbs} rows x {spec.num_passes} passes x {spec.examples_per_step} questions"
+    logp = -gpt.token_nll(config, params, batch.inputs, batch.targets)  # (R, T), 0 where targets == -1
+    valid = jnp.asarray(batch.targets) >= 0
+    advantages = jnp.asarray(batch.advantages)
+    loss = jnp.float32(0.0)
+    for p0 in range(0, R, dbs):  # chat_rl's passes: its gradient accumulation is this sum
+        rows = slice(p0, p0 + dbs)
+        pg_obj = jnp.sum(logp[rows] * advantages[rows, None])
+        if spec.token_norm == "global":  # one normalisation for the whole step
+            pg_obj = pg_obj / jnp.maximum(jnp.sum(valid), 1)
+        else:  # "pass": chat_rl's, by the valid targets of this pass
+            num_valid = jnp.maximum(jnp.sum(valid[rows]), 1)
+            pg_obj = pg_obj / (num_valid * spec.num_passes * spec.examples_per_step)
+        loss = loss - pg_obj
+    return loss
 
-    inputs: np.ndarray  # (NB, T) int32 token ids (pad where empty)
-    targets: np.ndarray  # (NB, T) int32, -1 = not trained on
-    positions: np.ndarray  # (NB, T) int32 position of each token in its own row
-    segments: np.ndarray  # (NB, T) int32 piece id within the bin (a prompt copy or a continuation), 0 = empty
-    parents: np.ndarray  # (NB, T) int32 the prompt copy a continuation extends (else its own id)
-    prev_index: np.ndarray  # (NB, T) int32 index in the bin of the previous token of the same row
-    rows: np.ndarray  # (NB, T) int32 the token's row, indexed within its device's rows; -1 = none
-    sampler_logp: np.ndarray  # (NB, T) f32
-    advantages: np.ndarray  # (R,) f32, rows in the Batch's order
-    row_tokens: np.ndarray  # (R,) int32 trained tokens of each row (all rows, packed or not)
-    bins: np.ndarray  # (n_dev,) int32 bins in use on each device
 
-    def packing(self) -> gpt.Packing:
-        return gpt.Packing(self.segments, self.parents, self.prev_index)
+# ------------------------------------------------------------------------------------------
+# The fast path: packed bins, chunks scanned per device, the cross-device sum
 
 
-def pack(batch: Batch, pad_id: int, n_dev: int = 1, chunk: int = 8, min_len: int = 0,
-         skip_zero_advantage: bool = True, group: int = 1) -> Packed:
-    """Pack each device's share of `batch` (contiguous blocks of R/n_dev rows) into bins.
+def global_batch(batch: Batch, mesh, *, pad_id: int, chunk: int, min_len: int = 0,
+                 skip_zero_advantage: bool = True, group: int = 1) -> Packed:
+    """This process's rows -> the step's packed arrays, sharded over the data axis of the global mesh.
 
-    A row is cut after its last target (later tokens cannot change earlier ones); rows without a
-    target, and with `skip_zero_advantage` rows whose advantage is exactly 0 (their gradient is
-    exactly 0), are left out; their tokens still count in the normalisation (`row_tokens`).
-    Rows of one `group` (a question's samples, contiguous) share their common untrained prefix
-    (the prompt): a bin holds one copy of it, and each row's continuation (from the prompt's last
-    token on) attends to that copy. Bins hold T = max(batch length, min_len) tokens (a caller
-    keeps T fixed across steps to avoid recompiling); first fit, longest first. Each device gets
-    the same number of bin slots, a multiple of `chunk` (bins per forward/backward), enough for
-    the unpacked worst case.
+    Every process pads its rows to the same length (the global maximum, at least `min_len`) and
+    packs each of its devices' rows (`packing.pack`: a multiple of `chunk` bins per device; `group`
+    rows, a question's samples, share their prompt), so the global batch is exactly what one
+    process holding all rows would build.
     """
-    inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
-    adv = np.asarray(batch.advantages, np.float32)
-    R, T0 = inputs.shape
-    if R % n_dev:
-        raise ValueError(f"{R} training rows do not split over {n_dev} devices")
-    T = max(T0, int(min_len))
-    per = R // n_dev
-    nb = -(-per // chunk) * chunk
-    valid = targets >= 0
-    row_tokens = valid.sum(axis=1).astype(np.int32)
-    rows = _RowInfo(inputs, targets, np.asarray(batch.sampler_logp, np.float32), np.argmax(valid, axis=1),
-                    np.where(row_tokens > 0, T0 - np.argmax(valid[:, ::-1], axis=1), 0))
-    keep = (row_tokens > 0) & ~(skip_zero_advantage & (adv == 0))
-    out = {k: np.full((n_dev * nb, T), fill, dt) for k, fill, dt in (
-        ("inputs", pad_id, np.int32), ("targets", -1, np.int32), ("positions", 0, np.int32),
-        ("segments", 0, np.int32), ("parents", 0, np.int32), ("rows", -1, np.int32),
-        ("sampler_logp", 0.0, np.float32))}
-    out["prev_index"] = np.tile(np.arange(T, dtype=np.int32), (n_dev * nb, 1))
-    bins = np.zeros(n_dev, np.int32)
-    for d in range(n_dev):
-        bins[d] = _Bins(out, d * nb, d * per, T).pack(rows, keep, range(d * per, (d + 1) * per), group)
-    return Packed(**out, advantages=adv, row_tokens=row_tokens, bins=bins)
+    T = int(np.max(distributed.gather_rows(np.array([batch.inputs.shape[1]]))))
+
+    def pad(a, value):
+        return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)
+
+    local = Batch(pad(batch.inputs, pad_id), pad(batch.targets, -1), batch.advantages, pad(batch.sampler_logp, 0))
+    n_local = sharding.data_size(mesh) // jax.process_count()
+    packed = pack(local, pad_id, n_dev=n_local, chunk=chunk, min_len=min_len,
+                  skip_zero_advantage=skip_zero_advantage, group=group)
+    target = sharding.data_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(packed, target)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(target, a), packed)
 
 
-class _RowInfo(NamedTuple):
-    inputs: np.ndarray
-    targets: np.ndarray
-    logp: np.ndarray
-    first: np.ndarray  # index of each row's first target
-    end: np.ndarray  # one past each row's last target (0: no target)
-
-
-class _Bins:
-    """One device's bins in the packed arrays `out`: rows [base, base + B), row ids from row0."""
-
-    def __init__(self, out: dict, base: int, row0: int, T: int):
-        self.out, self.base, self.row0, self.T = out, base, row0, T
-        self.fill, self.pieces, self.prompts = [], [], {}  # per bin: tokens used, pieces; (bin, group) -> prompt copy
-
-    def pack(self, info: _RowInfo, keep, rows: range, group: int) -> int:
-        """Place the kept rows group by group, longest continuation first; returns the bins used."""
-        for g0 in range(rows.start, rows.stop, group):
-            mine = [r for r in range(g0, min(g0 + group, rows.stop)) if keep[r]]
-            if not mine:
-                continue
-            P = int(min(info.first[r] for r in mine)) if len(mine) > 1 else 0
-            for r in mine[1:]:  # the common prefix of the kept rows (the prompt)
-                diff = np.nonzero(info.inputs[r, :P] != info.inputs[mine[0], :P])[0]
-                P = int(diff[0]) if len(diff) else P
-            for r in sorted(mine, key=lambda r: (-info.end[r], r)):
-                self._place(info, r, g0, P)
-        return len(self.fill)
-
-    def _place(self, info: _RowInfo, r: int, g0: int, P: int):
-        c = int(info.end[r]) - P
-        b = next((j for j in range(len(self.fill)) if (j, g0) in self.prompts and self.fill[j] + c <= self.T), None)
-        if b is None:  # first bin with room for a prompt copy and the continuation
-            b = next((j for j, f in enumerate(self.fill) if f + P + c <= self.T), len(self.fill))
-            if b == len(self.fill):
-                self.fill.append(0)
-                self.pieces.append(0)
-            if P:
-                seg, o = self._write(b, info.inputs[r, :P], None, None, -1, 0, None, None)
-                self.prompts[(b, g0)] = (seg, o + P - 1)
-        parent, prev0 = self.prompts[(b, g0)] if P else (None, None)
-        sl = slice(P, int(info.end[r]))
-        self._write(b, info.inputs[r, sl], info.targets[r, sl], info.logp[r, sl], r - self.row0, P, parent, prev0)
-
-    def _write(self, b, ids, targets, logp, row, pos0, parent, prev0):
-        """Append one piece to bin b; returns (its segment id, its offset)."""
-        out, g, o, n = self.out, self.base + b, self.fill[b], len(ids)
-        self.pieces[b] += 1
-        seg = self.pieces[b]
-        out["inputs"][g, o:o + n] = ids
-        if targets is not None:
-            out["targets"][g, o:o + n] = targets
-            out["sampler_logp"][g, o:o + n] = logp
-            out["rows"][g, o:o + n] = row
-        out["positions"][g, o:o + n] = np.arange(pos0, pos0 + n)
-        out["segments"][g, o:o + n] = seg
-        out["parents"][g, o:o + n] = seg if parent is None else parent
-        out["prev_index"][g, o:o + n] = np.concatenate([[o if prev0 is None else prev0], np.arange(o, o + n - 1)])
-        self.fill[b] += n
-        return seg, o
-
-
-def row_weights(row_tokens, advantages, spec: "LossSpec", n_global_tokens):
-    """Per-row weight w[r] such that the objective is Σ_r Σ_t logp[r,t]·w[r] (targets >= 0).
+def row_weights(row_tokens, advantages, spec: LossSpec, n_global_tokens):
+    """Per-row weight w[r] such that pg_loss = −Σ_r Σ_t logp[r,t]·w[r] (over targets >= 0).
 
     "pass" (nanochat): w = adv / (N_pass · num_passes · examples_per_step), N_pass = valid
     targets of the row's pass of device_batch_size rows. "global": w = adv / N_step.
@@ -238,7 +187,7 @@ def row_weights(row_tokens, advantages, spec: "LossSpec", n_global_tokens):
 
 
 def _chunk_terms(config, params, inputs, targets, positions, packing, weights, sampler_logp):
-    """−objective of one chunk of bins, its trained-token count, and the logp mismatch sum."""
+    """This chunk of bins' share of pg_loss, its trained-token count, and the logp mismatch sum."""
     logits = gpt.forward(config, params, inputs, positions, packing)
     nll = gpt.nll_from_logits(logits, targets)
     valid = targets >= 0
@@ -247,8 +196,8 @@ def _chunk_terms(config, params, inputs, targets, positions, packing, weights, s
     return loss, (jnp.sum(valid).astype(jnp.float32), mismatch)
 
 
-def _local_grads(config, spec: "LossSpec", params, batch: Packed, n_global_tokens):
-    """Gradient of −objective over this device's bins, scanned over chunks of `spec.chunk_rows` bins.
+def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens):
+    """Gradient of this device's share of pg_loss over its bins, scanned over chunks of `spec.chunk_rows` bins.
 
     Chunks past the device's last used bin are skipped. The normalisation is nanochat's per pass
     of device_batch_size rows whatever the packing, so `chunk_rows` only trades memory for speed.
@@ -293,9 +242,9 @@ class StepMetrics(NamedTuple):
     skipped: jax.Array  # 1 if the update was skipped (non-finite loss or gradients)
 
 
-def _grads_and_metrics(config, spec, mesh, params, batch: Packed):
-    """(gradient of −objective, −objective, trained tokens of the step, mean |logp mismatch|
-    over the tokens computed)."""
+def grads_and_metrics(config, spec: LossSpec, mesh, params, batch: Packed):
+    """The fast path's (gradient of pg_loss, pg_loss, trained tokens of the step, mean |sampler
+    logp − learner logp| over the tokens computed), summed over the mesh's devices."""
     tokens = jnp.sum(batch.row_tokens).astype(jnp.float32)
     n_global = jnp.maximum(tokens, 1.0)
 
@@ -317,7 +266,8 @@ def _grads_and_metrics(config, spec, mesh, params, batch: Packed):
 
 def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch: Packed):
     """One optimizer step on a whole RL step's packed rows. Returns (params, opt_state, StepMetrics)."""
-    grads, loss, count, mismatch = _grads_and_metrics(config, spec, mesh, params, batch)
+    TRACE_COUNTS["train_step"] = TRACE_COUNTS.get("train_step", 0) + 1  # runs when jit traces
+    grads, loss, count, mismatch = grads_and_metrics(config, spec, mesh, params, batch)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_state = optimizer.update(grads, opt_state, params)

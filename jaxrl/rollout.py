@@ -40,9 +40,10 @@ class SamplingArgs:
     seed: int
 
 
-def run_round(config, params, tokenizer, task, indices, args: SamplingArgs, *, tool, step: int, mesh=None,
+def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, tool, step: int, mesh=None,
               chunk: int | None = None, same_keys_per_question: bool = False) -> RoundResult:
-    """Sample `args.num_samples` completions for each task index and score them with the task's reward.
+    """Sample `args.num_samples` completions for each of `task`'s questions `indices` and score them
+    with the task's reward.
 
     `chunk` limits how many questions go into one sampler call (evaluation over hundreds of
     questions); training passes all questions of a step at once. `same_keys_per_question` gives
@@ -116,8 +117,9 @@ def eval_row(config, params, tokenizer, task, *, num_examples: int, args: Sampli
     first `num_examples` questions of `task`, each process sampling its share on `mesh` (its own
     devices) and every process getting the whole row."""
     n = min(num_examples, len(task))
-    res = run_round(config, params, tokenizer, task, distributed.process_share(np.arange(n)), args, tool=tool,
-                    step=0, mesh=mesh, chunk=max(1, 512 // args.num_samples), same_keys_per_question=shared_keys)
+    res = run_round(config, params, tokenizer=tokenizer, task=task, indices=distributed.process_share(np.arange(n)),
+                    args=args, tool=tool, step=0, mesh=mesh, chunk=max(1, 512 // args.num_samples),
+                    same_keys_per_question=shared_keys)
     correct = distributed.gather_rows(res.correct)
     row = {"step": step, "event": "eval", "phase": phase, "eval_examples": int(correct.shape[0])}
     row.update(pass_at_k_row(correct))

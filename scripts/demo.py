@@ -182,7 +182,8 @@ def sft_step(config: GPTConfig):
         raise SystemExit(f"error: --warmstart_batch_size ({rows}) must be a multiple of device_batch_size ({dbs}) x "
                          f"{n_dev} devices; pass --warmstart_batch_size {max(1, rows // (dbs * n_dev)) * dbs * n_dev}")
     optimizer = optim.build_optimizer(config, num_steps=WARMSTART_LR_STEPS, init_lr_frac=1.0, **WARMSTART_LRS)
-    return rl.compiled_train_step(config, rl.LossSpec(dbs, 1, rows // dbs, "global"), optimizer, mesh), optimizer
+    spec = rl.LossSpec(device_batch_size=dbs, num_passes=1, examples_per_step=rows // dbs, token_norm="global")
+    return rl.compiled_train_step(config, spec, optimizer, mesh), optimizer
 
 
 def warm_start(config: GPTConfig, params, tokenizer: Tokenizer, writer: MetricsWriter):
@@ -203,8 +204,8 @@ def warm_start(config: GPTConfig, params, tokenizer: Tokenizer, writer: MetricsW
         idx = (warm_start_row + step * rows + np.arange(rows)) % len(train_task)
         batch, seq_len = demonstration_batch(tokenizer, idx, config.sequence_len)
         t = time.perf_counter()
-        packed = rl.pack(batch, tokenizer.specials.assistant_end, sharding.data_size(mesh), cfg.device_batch_size)
-        params, opt_state, m = train_step(params, opt_state, jax.device_put(packed, sharding.data_sharding(mesh)))
+        packed = rl.global_batch(batch, mesh, pad_id=tokenizer.specials.assistant_end, chunk=cfg.device_batch_size)
+        params, opt_state, m = train_step(params, opt_state, packed)
         m = jax.device_get(m)
         if m.skipped:
             raise FloatingPointError(f"warm-start step {step}: non-finite loss {m.loss} or grad norm {m.grad_norm}; "

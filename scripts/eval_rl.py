@@ -107,8 +107,8 @@ chunk = max(1, min(n, args.batch_rows // args.num_samples))
 order = np.arange(-(-n // chunk) * chunk) % n
 correct, t0 = [], time.perf_counter()
 for a in tqdm(range(0, len(order), chunk), desc="eval", unit="chunk", file=sys.stderr):
-    res = rollout.run_round(config, params, tokenizer, task, order[a: a + chunk], sampling, tool=tool, step=0,
-                            mesh=mesh, same_keys_per_question=not args.independent_keys)
+    res = rollout.run_round(config, params, tokenizer=tokenizer, task=task, indices=order[a: a + chunk], args=sampling,
+                            tool=tool, step=0, mesh=mesh, same_keys_per_question=not args.independent_keys)
     correct.append(res.correct)
 correct = np.concatenate(correct)[:n]
 seconds = time.perf_counter() - t0

@@ -175,8 +175,9 @@ if jax.process_index() == 0:
     run_state.write_run_record(run_dir, model_config, policy_info)
     save_config(cfg, paths.config)
 writer = MetricsWriter(run_dir, cfg.run, cfg.to_dict())
-loss_spec = rl.LossSpec(cfg.device_batch_size, cfg.num_samples // cfg.device_batch_size, cfg.examples_per_step,
-                        cfg.token_norm, cfg.train_chunk_rows)
+loss_spec = rl.LossSpec(device_batch_size=cfg.device_batch_size, num_passes=cfg.num_samples // cfg.device_batch_size,
+                        examples_per_step=cfg.examples_per_step, token_norm=cfg.token_norm,
+                        chunk_rows=cfg.train_chunk_rows)
 train_step = rl.compiled_train_step(model_config, loss_spec, optimizer, mesh)
 train_args = rollout.SamplingArgs(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
 eval_n = cfg.eval_num_samples or cfg.device_batch_size
@@ -232,14 +233,14 @@ for step in bar:
     first = step * cfg.examples_per_step
     questions = np.array([(first + j) % len(train_task) for j in range(cfg.examples_per_step)])
     mine = distributed.process_share(questions)
-    res = rollout.run_round(model_config, local_view(params), tokenizer, train_task, mine, train_args, tool=tool,
-                            step=step, mesh=local_mesh)
+    res = rollout.run_round(model_config, local_view(params), tokenizer=tokenizer, task=train_task, indices=mine,
+                            args=train_args, tool=tool, step=step, mesh=local_mesh)
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)
     batch = faults.inject_nan_advantages(batch, step, writer)  # tests only (jaxrl/faults.py); inert otherwise
-    batch = distributed.global_batch(batch, mesh, specials.assistant_end, loss_spec.chunk_rows, train_len,
-                                     cfg.train_skip_zero_advantage, cfg.num_samples)
+    batch = rl.global_batch(batch, mesh, pad_id=specials.assistant_end, chunk=loss_spec.chunk_rows, min_len=train_len,
+                            skip_zero_advantage=cfg.train_skip_zero_advantage, group=cfg.num_samples)
     train_len = batch.inputs.shape[1]
     reward_s = time.perf_counter() - t_reward
     # -- update

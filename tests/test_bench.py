@@ -197,9 +197,6 @@ def test_floor_runs_every_weight_matmul_of_a_decode_step():
     assert out.shape == x.shape and np.isfinite(float(acc))
 
 
-# Private library names the scripts and benchmarks still reach, each to be replaced by a public one.
-PRIVATE_IN_USE = {("benchmarks/training.py", "rl._grads_and_metrics")}
-
 
 def library_names(tree) -> set[str]:
     """Names a module binds to jaxrl or convert modules (`from jaxrl import rl`, `import convert`)."""
@@ -214,7 +211,7 @@ def library_names(tree) -> set[str]:
 
 def test_scripts_and_benchmarks_use_the_library_as_installed():
     """No file in scripts/ or benchmarks/ edits sys.path or imports a bench module by its old path,
-    and none calls a private (underscore) function of jaxrl or convert, except PRIVATE_IN_USE."""
+    and none calls a private (underscore) function of jaxrl or convert."""
     found = set()
     for path in sorted((REPO / "scripts").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")):
         rel = str(path.relative_to(REPO))
@@ -224,7 +221,9 @@ def test_scripts_and_benchmarks_use_the_library_as_installed():
                 assert (node.value.id, node.attr) != ("sys", "path"), f"{rel}:{node.lineno} touches sys.path"
                 if node.value.id in library_names(tree) and node.attr.startswith("_") and not node.attr.endswith("__"):
                     found.add((rel, f"{node.value.id}.{node.attr}"))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("jaxrl", "convert"):
+                found |= {(rel, f"{node.module}.{a.name}") for a in node.names if a.name.startswith("_")}
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(m.startswith("bench_") for m in modules), f"{rel}:{node.lineno} imports {modules}"
-    assert found <= PRIVATE_IN_USE, f"private library calls: {sorted(found - PRIVATE_IN_USE)}"
+    assert not found, f"private library calls: {sorted(found)}"

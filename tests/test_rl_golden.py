@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, GENERATIONS
-from jaxrl import distributed, rl, rollout, sharding
+from jaxrl import rl, rollout, sharding
 from jaxrl.tasks import gsm8k
 from jaxrl.tokenizer import Tokenizer
 
@@ -61,16 +61,21 @@ def test_advantages_match_nanochat(gen):
 def _train_step_losses(config, params, batches: list[rl.Batch], pad_id: int) -> list[tuple[float, int]]:
     """(−objective, trained tokens) as the train step computes them, for each batch holding one
     question's samples: one pass of all rows (nanochat's device_batch_size = num_samples), packed
-    as train_rl.py packs them (distributed.global_batch, one device)."""
-    R = batches[0].inputs.shape[0]
-    spec = rl.LossSpec(device_batch_size=R, num_passes=1, examples_per_step=1)
+    as train_rl.py packs them (rl.global_batch, one device)."""
+    spec = _one_pass(batches[0])
     mesh = sharding.make_mesh(jax.devices()[:1])
-    loss_fn = jax.jit(lambda p, b: rl._grads_and_metrics(config, spec, None, p, b)[1:3])
+    loss_fn = jax.jit(lambda p, b: rl.grads_and_metrics(config, spec, None, p, b)[1:3])
     out = []
     for batch in batches:
-        loss, tokens = loss_fn(params, distributed.global_batch(batch, mesh, pad_id, spec.chunk_rows, group=R))
+        packed = rl.global_batch(batch, mesh, pad_id=pad_id, chunk=spec.chunk_rows, group=spec.device_batch_size)
+        loss, tokens = loss_fn(params, packed)
         out.append((float(loss), int(tokens)))
     return out
+
+
+def _one_pass(batch: rl.Batch) -> rl.LossSpec:
+    """One question whose samples are all one pass: nanochat's device_batch_size = num_samples."""
+    return rl.LossSpec(device_batch_size=batch.inputs.shape[0], num_passes=1, examples_per_step=1)
 
 
 @pytest.mark.parametrize("gen", GENERATIONS)
@@ -78,7 +83,8 @@ def test_reinforce_loss_matches_nanochat(gen):
     """The train step's loss on golden_forward.npz's rows (jaxrl's model on the imported
     checkpoint) equals nanochat's pg_loss = −Σ(−nll · adv) / count(targets ≥ 0): one token count
     for the whole pass, not a per-row mean. With every advantage 1 the same loss is the plain NLL
-    mean over trained tokens, which must equal nanochat's loss_mean."""
+    mean over trained tokens, which must equal nanochat's loss_mean. The reference objective,
+    rl.pg_loss on the plain padded rows (no packing), equals both too."""
     pytest.importorskip("torch")
     from convert import load_nanochat
 
@@ -97,6 +103,12 @@ def test_reinforce_loss_matches_nanochat(gen):
     assert tokens == int((targets >= 0).sum())
     np.testing.assert_allclose(loss, golden["pg_loss"], rtol=PG_LOSS_RTOL, atol=0)
     np.testing.assert_allclose(nll_mean, golden["loss_mean"], rtol=LOSS_MEAN_RTOL, atol=0)
+    reference = jax.jit(lambda p, b: rl.pg_loss(config, p, b, _one_pass(batch)))
+    ref_loss, ref_nll_mean = float(reference(params, batch)), float(reference(params, ones))
+    print(f"{gen}: rl.pg_loss: pg_loss rel err {abs(ref_loss / golden['pg_loss'] - 1):.2e}, "
+          f"loss_mean rel err {abs(ref_nll_mean / golden['loss_mean'] - 1):.2e}")
+    np.testing.assert_allclose(ref_loss, golden["pg_loss"], rtol=PG_LOSS_RTOL, atol=0)
+    np.testing.assert_allclose(ref_nll_mean, golden["loss_mean"], rtol=LOSS_MEAN_RTOL, atol=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,7 +161,7 @@ def test_batch_matches_nanochat_rl_batch(gen):
 @pytest.mark.parametrize("gen", GENERATIONS)
 @pytest.mark.parametrize("n_dev", [1, 3])
 def test_packed_batch_holds_nanochat_rl_batch(gen, n_dev):
-    """distributed.global_batch (train_rl.py's packing) of that batch holds exactly nanochat's
+    """rl.global_batch (train_rl.py's packing) of that batch holds exactly nanochat's
     rl_batch: every packed token sits at its row's position with nanochat's input and target,
     every trained target of rl_batch appears exactly once, the shared prompt copy is nanochat's
     prompt, and the per-row token counts and advantages are nanochat's."""
@@ -159,7 +171,7 @@ def test_packed_batch_holds_nanochat_rl_batch(gen, n_dev):
     N = case["call"]["num_samples"]
     batch = rollout.make_batch(_round_result(case, tokenizer), N, pad_id, end_id=pad_id)
     mesh = sharding.make_mesh(jax.devices()[:n_dev])
-    packed = jax.device_get(distributed.global_batch(batch, mesh, pad_id, chunk=N, group=N))
+    packed = jax.device_get(rl.global_batch(batch, mesh, pad_id=pad_id, chunk=N, group=N))
     gold = {k: np.asarray(v) for k, v in case["rl_batch"].items()}
     R = len(gold["inputs"])
     np.testing.assert_array_equal(packed.row_tokens, (gold["targets"] >= 0).sum(axis=1))
