@@ -1,8 +1,9 @@
-"""Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared.
+"""Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared, the tiny model.
 
 Run the quick tier with `pytest -m "not slow"`; CI runs everything (`pytest`).
 Golden tests read nanochat's own outputs from ../shared/fixtures (never edited).
 """
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +13,12 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from jaxrl.model import GPTConfig, param_table, unflatten_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXRL_SHARED", REPO.parent / "shared")).resolve()
@@ -23,8 +28,6 @@ GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
 
 
 def pytest_configure(config):
-    import jax
-
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_enable_x64", False)
 
@@ -39,6 +42,36 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir) -> Path:
     return FIXTURES
+
+
+# ------------------------------------------------------------------------------------------
+# The tiny model (tests/test_model.py, test_sampler.py, test_optim.py, test_rl.py, ...)
+
+def tiny_config(generation: str = "gen-2026-07", **changes) -> GPTConfig:
+    """The one tiny test model: 2 layers, n_embd 64, 4 heads with 2 kv heads (GQA, so c_k is
+    narrower than c_q), a byte vocabulary plus nanochat's 9 specials (265; the 2026 generations
+    pad it to 320), sequence_len 64, layer 0 windowed ("SL"). A test that needs another value
+    passes it in `changes` and says why."""
+    fields = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                  window_pattern="SL", generation=generation)
+    return GPTConfig(**fields | changes)
+
+
+def tiny_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Random float32 params from `seed`, every one away from the values that hide bugs: matrices
+    N(0, 1/fan_in) (`init_params` zeroes c_proj and gates, so layers would drop out), embeddings
+    N(0, 1), per-layer scalars 0.5 + 0.3 N(0, 1) (not 0 or 1)."""
+    table = param_table(config)
+    flat = {}
+    for key, (name, shape, _) in zip(jax.random.split(jax.random.key(seed), len(table)), table):
+        z = jax.random.normal(key, shape, jnp.float32)
+        if len(shape) == 1:
+            flat[name] = 0.5 + 0.3 * z
+        elif name == "transformer.wte.weight" or name.startswith("value_embeds."):
+            flat[name] = z
+        else:
+            flat[name] = z / math.sqrt(shape[1])
+    return unflatten_params(flat)
 
 
 # ------------------------------------------------------------------------------------------
@@ -84,8 +117,6 @@ def run_trainer(out_dir: Path, run: str, *extra: str, env: dict, timeout: float 
 def load_state(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
     """(step, {leaf path: numpy array}) of a run's checkpoint `step` (default: the latest complete
     one), read on one device whatever device count saved it."""
-    import jax
-
     from jaxrl.checkpoint import CheckpointManager
 
     with CheckpointManager(Path(run_dir, "checkpoints")) as mgr:

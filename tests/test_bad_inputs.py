@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ARITH, REPO, SHARED
+from conftest import ARITH, REPO, SHARED, tiny_config, tiny_params
 
 from jaxrl import distributed
 from jaxrl.calculator import use_calculator
@@ -278,10 +278,9 @@ def test_import_dir_with_broken_model_json(tmp_path):
 
 def test_import_output_exists_or_fails_half_way(tmp_path, monkeypatch):
     from jaxrl import checkpoint_io
-    from jaxrl.model import init_params
 
-    config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=4, vocab_size=64, sequence_len=32)
-    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    config = tiny_config()
+    params = jax.tree.map(np.asarray, tiny_params(config))
     write(tmp_path / "out" / "keep.txt", "mine")
     with raises(ImportCheckpointError, f"output {tmp_path / 'out'} already exists", "--force"):
         save_jaxrl_import(tmp_path / "out", config, params, {})

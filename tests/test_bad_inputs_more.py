@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 import test_bad_inputs as base
-from conftest import ARITH, REPO
+from conftest import ARITH, REPO, tiny_config, tiny_params
 
 from jaxrl import checkpoint_io, model, rollout
 from jaxrl.checkpoint_io import CheckpointError, load_jaxrl_import, save_jaxrl_import
 from jaxrl.config import ConfigError, check_writable_dir, load_config
-from jaxrl.model import GPTConfig, init_params
+from jaxrl.model import GPTConfig
 from jaxrl.tasks import open_task
 from jaxrl.tasks.gsm8k import GSM8K, evaluate, reward, row_to_conversation
 from jaxrl.tokenizer import Tokenizer
@@ -30,8 +30,8 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # chmod does not stop ro
 
 
 def _tiny_import(path, poison=None):
-    config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=4, vocab_size=64, sequence_len=32)
-    params = jax.tree.map(np.array, init_params(config, jax.random.key(0)))
+    config = tiny_config()
+    params = jax.tree.map(np.array, tiny_params(config))
     if poison:
         params["transformer"]["h"]["0"]["mlp"]["c_fc"]["weight"][3, 5] = poison
     return save_jaxrl_import(path, config, params, {"generation": config.generation, "source": {"step": 0}})
