@@ -1,8 +1,9 @@
 """Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared, the tiny model.
 
-Run the quick tier with `pytest -m "not slow"`; CI runs everything (`pytest`).
+Run the quick tier with `pytest -m "not slow and not cli"`; CI runs everything (`pytest`).
 Golden tests read nanochat's own outputs from ../shared/fixtures (never edited).
 """
+import contextlib
 import math
 import os
 import subprocess
@@ -30,6 +31,43 @@ GENERATIONS = ("gen-2025-10", "gen-2026-01", "gen-2026-07")
 def pytest_configure(config):
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _subprocesses_need_cli_marker(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _subprocesses_need_cli_marker(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _subprocesses_need_cli_marker(item):
+    """Keep the `cli` marker honest: a test (or a fixture it sets up) that starts a Python process
+    without it fails, so `-m "not cli"` really leaves out every script, trainer and fresh interpreter.
+    Other programs pass (libraries may run helpers such as `uname` or `fc-list`)."""
+    if item.get_closest_marker("cli"):
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        program = str(args if isinstance(args, (str, os.PathLike)) else args[0])
+        program = program.split()[0] if kwargs.get("shell") else program  # a shell command line
+        if program == sys.executable or Path(program).name.startswith("python"):
+            raise RuntimeError(f"{item.nodeid} starts a Python subprocess ({args!r:.120}) but is not marked "
+                               "cli; add @pytest.mark.cli to the test")
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init
 
 
 @pytest.fixture(scope="session")

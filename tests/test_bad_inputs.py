@@ -435,6 +435,7 @@ def tiny_args(tmp_path, *extra):
             f"--data_dir={ARITH_DATA}", f"--out_dir={tmp_path / 'runs'}", *extra]
 
 
+@pytest.mark.cli
 def test_cli_missing_config_file(tmp_path):
     proc = run_script("train_rl.py", "--config", tmp_path / "nope.toml", f"--out_dir={tmp_path}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -442,6 +443,7 @@ def test_cli_missing_config_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.cli
 def test_cli_toml_syntax_error(tmp_path):
     f = write(tmp_path / "bad.toml", 'run = "x"\ndtype = float32\n')
     proc = run_script("train_rl.py", "--config", f, f"--out_dir={tmp_path / 'runs'}")
@@ -450,6 +452,7 @@ def test_cli_toml_syntax_error(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 def test_cli_checkpoint_does_not_exist(tmp_path):
     proc = run_script("train_rl.py", *tiny_args(tmp_path, f"--checkpoint={tmp_path / 'no_such_ckpt'}"))
     assert proc.returncode == 1
@@ -457,6 +460,7 @@ def test_cli_checkpoint_does_not_exist(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 def test_cli_rows_do_not_split_over_devices(tmp_path):
     """examples_per_step x num_samples rows must split into whole device_batch_size passes per device."""
     proc = run_script("train_rl.py", *tiny_args(tmp_path, "--examples_per_step=2", "--num_samples=4",
@@ -467,6 +471,7 @@ def test_cli_rows_do_not_split_over_devices(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_data_dir_without_test_jsonl(tmp_path):
     data = tmp_path / "data"
@@ -477,6 +482,7 @@ def test_cli_data_dir_without_test_jsonl(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_fresh_run_over_existing_checkpoints(tmp_path):
     run_dir = tmp_path / "runs" / "arith_tiny"
@@ -490,6 +496,7 @@ def test_cli_fresh_run_over_existing_checkpoints(tmp_path):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.cli
 def test_cli_eval_checkpoint_missing(tmp_path):
     proc = run_script("eval_rl.py", "--checkpoint", tmp_path / "nope", "--json", tmp_path / "out.json")
     assert proc.returncode == 1

@@ -257,6 +257,7 @@ def test_env_attention_unknown_or_cudnn_on_cpu(monkeypatch):
 # Command line: the scripts turn these errors into one line, exit 1, nothing written
 
 
+@pytest.mark.cli
 def test_cli_train_bad_paths(tmp_path):
     """Checked before jax is imported: an out_dir under a file, a config path that is a folder."""
     write(tmp_path / "f", "a file")
@@ -268,6 +269,7 @@ def test_cli_train_bad_paths(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
+@pytest.mark.cli
 def test_cli_eval_bad_arguments(tmp_path):
     """eval_rl's values are checked before jax is imported; an unwritable --json before the eval."""
     write(tmp_path / "f", "a file")
@@ -285,6 +287,7 @@ def test_cli_eval_bad_arguments(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
+@pytest.mark.cli
 def test_cli_train_data_errors(tmp_path):
     """Data is read before the model: an empty train.jsonl, a data_dir that is a file."""
     data = tmp_path / "data"
@@ -298,6 +301,7 @@ def test_cli_train_data_errors(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_train_max_new_tokens_above_context(tmp_path):
     proc = base.run_script("train_rl.py", *base.tiny_args(tmp_path, "--max_new_tokens=5000"))

@@ -61,6 +61,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", list(TINY))
 def test_subcommand_ends_with_complete_json(runs, name):
     if name == "convert":
@@ -78,6 +79,7 @@ def test_subcommand_ends_with_complete_json(runs, name):
     assert out.read_text().splitlines() == [last], "--out must append exactly the final JSON line"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", list(PROFILED))
 def test_profile_summarises_a_real_trace(runs, name):
     """--profile: one summary per profiled call, each naming a trace file that exists, with ops

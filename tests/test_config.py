@@ -280,6 +280,7 @@ def test_format_config_round_trip(tmp_path, cfg):
     assert RLConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.cli
 def test_import_does_not_pull_in_jax():
     import subprocess
     code = "import sys, jaxrl.config; assert 'jax' not in sys.modules, 'jaxrl.config imported jax'"

@@ -34,6 +34,7 @@ def demo_run(tmp_path_factory):
     return tmp, tmp / "demo", proc
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_metrics_rows_carry_phase_and_eval_comes_first(demo_run):
     from jaxrl.metrics import read_metrics
@@ -61,6 +62,7 @@ def test_metrics_rows_carry_phase_and_eval_comes_first(demo_run):
             assert 0 <= r["reward"] <= 1 and r["seq_len"] > 0
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_run_dir_artifacts(demo_run):
     from jaxrl.checkpoint import CheckpointManager
@@ -83,6 +85,7 @@ def test_run_dir_artifacts(demo_run):
     assert (run_dir / "model.json").is_file() and (run_dir / "config.toml").is_file()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_nanochat_export_loads(demo_run, tmp_path):
     pytest.importorskip("torch")
@@ -106,6 +109,7 @@ def test_nanochat_export_loads(demo_run, tmp_path):
     assert load_nanochat(tmp_path / "base", source="rl")[0] == config
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_eval_rl_on_the_run_dir(demo_run, tmp_path):
     import json
@@ -121,6 +125,7 @@ def test_eval_rl_on_the_run_dir(demo_run, tmp_path):
     assert "Pass@2:" in proc.stdout and "checkpoint step 1" in proc.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_rerun_without_resume_is_refused_before_touching_the_run(demo_run):
     tmp, run_dir, _ = demo_run

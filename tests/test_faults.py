@@ -19,7 +19,7 @@ from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer
 from jaxrl.checkpoint import CheckpointManager
 from jaxrl.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cli]
 
 
 def _params(state: dict) -> dict:
