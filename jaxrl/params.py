@@ -1,5 +1,5 @@
 """nanochat's parameters as a pytree: the table of state-dict names, shapes and saved dtypes per
-model config, nested-dict <-> flat-key conversion, and a nanochat-like random init.
+model config, nested-dict <-> flat-key conversion (flax.traverse_util), and a nanochat-like random init.
 
 Params are a nested dict made by splitting nanochat's state-dict keys on "." with PyTorch's
 (out_features, in_features) layout kept (see jaxrl/model.py). Re-exported by jaxrl.model.
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 if TYPE_CHECKING:
     from jaxrl.model import GPTConfig
@@ -53,26 +54,12 @@ def param_table(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
 
 def unflatten_params(flat: dict[str, Any]) -> Params:
     """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
-    tree: Params = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def flatten_params(tree: Params, prefix: str = "") -> dict[str, Any]:
-    """Inverse of `unflatten_params`: nested dict -> {"a.b.c": x}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def flatten_params(tree: Params) -> dict[str, Any]:
+    """Inverse of `unflatten_params`: nested dict -> {"a.b.c": x}, in the tree's insertion order."""
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:

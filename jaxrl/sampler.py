@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxrl import decode
 from jaxrl import sharding
@@ -113,18 +114,22 @@ def sample_tokens(logits, keys, temperature, spec: SampleSpec):
     return tok, jnp.take_along_axis(model_logp, tok[:, None], -1)[:, 0], slogp
 
 
-class _State(NamedTuple):
-    n: jax.Array  # () column being generated
-    out: Rollout
-    done: jax.Array  # (R,) bool
-    pad: jax.Array  # (P,) left padding of each prompt (prompt slot s holds position s - pad)
-    logits: jax.Array  # (R, V)
-    cache: decode.SharedCache
-    in_py: jax.Array  # (R,) bool: inside a python block
-    expr_start: jax.Array  # (R,) first column of the current expression
-    queue: jax.Array  # (R, Q) forced tokens
-    qlen: jax.Array  # (R,)
-    qhead: jax.Array  # (R,)
+@struct.dataclass
+class _State:
+    """The decode loop's carry. R rows (prompt-major), P prompts, M = max_new_tokens, Q = queue_len,
+    V vocab. In the compacted tail R is the compact row count and P = R (each row its own prompt)."""
+
+    n: jax.Array  # () int32; the column being generated
+    out: Rollout  # (R, M) columns so far; length (R,)
+    done: jax.Array  # (R,) bool; the row has emitted its terminal token
+    pad: jax.Array  # (P,) int32; left padding of each prompt (prompt slot s holds position s - pad)
+    logits: jax.Array  # (R, V) f32; next-token logits
+    cache: decode.SharedCache  # prompt keys (L, P, ...) shared by the prompt's rows; generated keys (R, ...)
+    in_py: jax.Array  # (R,) bool; inside a python block
+    expr_start: jax.Array  # (R,) int32; first column of the current expression
+    queue: jax.Array  # (R, Q) int32; tokens the calculator's result forces
+    qlen: jax.Array  # (R,) int32; forced tokens queued
+    qhead: jax.Array  # (R,) int32; forced tokens already emitted
 
 
 def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len, s: _State) -> _State:
@@ -161,7 +166,8 @@ def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperat
 
         queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
     logits, cache = decode.decode_shared(config, params, tok, s.n, s.pad, s.cache, gen_len)
-    return _State(s.n + 1, out, s.done | ends, s.pad, logits, cache, in_py, expr_start, queue, qlen, qhead)
+    return s.replace(n=s.n + 1, out=out, done=s.done | ends, logits=logits, cache=cache, in_py=in_py,
+                     expr_start=expr_start, queue=queue, qlen=qlen, qhead=qhead)
 
 
 def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_ids, seed, temperature) -> Rollout:
@@ -187,8 +193,9 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     out = Rollout(jnp.full((R, M), spec.pad_id, jnp.int32), jnp.zeros((R, M), jnp.int32), zeros_f, zeros_f,
                   jnp.zeros((R,), jnp.int32))
     zi = jnp.zeros((R,), jnp.int32)
-    state = _State(jnp.int32(0), out, jnp.zeros((R,), bool), pad.astype(jnp.int32), rep(logits, axis=0),
-                   cache, jnp.zeros((R,), bool), zi, jnp.zeros((R, spec.queue_len), jnp.int32), zi, zi)
+    state = _State(n=jnp.int32(0), out=out, done=jnp.zeros((R,), bool), pad=pad.astype(jnp.int32),
+                   logits=rep(logits, axis=0), cache=cache, in_py=jnp.zeros((R,), bool), expr_start=zi,
+                   queue=jnp.zeros((R, spec.queue_len), jnp.int32), qlen=zi, qhead=zi)
     C = spec.compact_rows
     running = (lambda s: jnp.sum(~s.done) > C) if C else (lambda s: True)
     state = _phases(config, spec, tool, params, row_keys, first_keys, temperature, state, running)
@@ -200,7 +207,7 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
         idx = jnp.argsort(state.done, stable=True)[:C]  # running rows first, in row order
         prompt = idx // N
         c = state.cache
-        small = state._replace(
+        small = state.replace(
             out=jax.tree.map(lambda a: a[idx], state.out), done=state.done[idx], pad=state.pad[prompt],
             logits=state.logits[idx], in_py=state.in_py[idx], expr_start=state.expr_start[idx],
             queue=state.queue[idx], qlen=state.qlen[idx], qhead=state.qhead[idx],
@@ -208,7 +215,7 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
                                      jax.tree.map(lambda a: a[idx], c.vg), c.prev_emb[idx]))
         small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
                         lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
-        return state._replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
+        return state.replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
 
     unfinished = (state.n < M) & ~jnp.all(state.done)
     return jax.lax.cond(unfinished, compact_rest, lambda s: s, state).out

@@ -1,8 +1,10 @@
-"""Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared.
+"""Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared, the tiny model.
 
-Run the quick tier with `pytest -m "not slow"`; CI runs everything (`pytest`).
+Run the quick tier with `pytest -m "not slow and not cli"`; CI runs everything (`pytest`).
 Golden tests read nanochat's own outputs from ../shared/fixtures (never edited).
 """
+import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -12,10 +14,13 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxrl.config import GENERATIONS  # noqa: E402,F401  (the tests parametrize over it; imports no jax)
+from jaxrl.model import GPTConfig, param_table, unflatten_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXRL_SHARED", REPO.parent / "shared")).resolve()
@@ -24,10 +29,45 @@ ARITH = SHARED / "fixtures" / "nanochat-sft-arith"
 
 
 def pytest_configure(config):
-    import jax
-
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _subprocesses_need_cli_marker(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _subprocesses_need_cli_marker(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _subprocesses_need_cli_marker(item):
+    """Keep the `cli` marker honest: a test (or a fixture it sets up) that starts a Python process
+    without it fails, so `-m "not cli"` really leaves out every script, trainer and fresh interpreter.
+    Other programs pass (libraries may run helpers such as `uname` or `fc-list`)."""
+    if item.get_closest_marker("cli"):
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):
+        program = str(args if isinstance(args, (str, os.PathLike)) else args[0])
+        program = program.split()[0] if kwargs.get("shell") else program  # a shell command line
+        if program == sys.executable or Path(program).name.startswith("python"):
+            raise RuntimeError(f"{item.nodeid} starts a Python subprocess ({args!r:.120}) but is not marked "
+                               "cli; add @pytest.mark.cli to the test")
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +80,36 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(shared_dir) -> Path:
     return FIXTURES
+
+
+# ------------------------------------------------------------------------------------------
+# The tiny model (tests/test_model.py, test_sampler.py, test_optim.py, test_rl.py, ...)
+
+def tiny_config(generation: str = "gen-2026-07", **changes) -> GPTConfig:
+    """The one tiny test model: 2 layers, n_embd 64, 4 heads with 2 kv heads (GQA, so c_k is
+    narrower than c_q), a byte vocabulary plus nanochat's 9 specials (265; the 2026 generations
+    pad it to 320), sequence_len 64, layer 0 windowed ("SL"). A test that needs another value
+    passes it in `changes` and says why."""
+    fields = dict(sequence_len=64, vocab_size=265, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                  window_pattern="SL", generation=generation)
+    return GPTConfig(**fields | changes)
+
+
+def tiny_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Random float32 params from `seed`, every one away from the values that hide bugs: matrices
+    N(0, 1/fan_in) (`init_params` zeroes c_proj and gates, so layers would drop out), embeddings
+    N(0, 1), per-layer scalars 0.5 + 0.3 N(0, 1) (not 0 or 1)."""
+    table = param_table(config)
+    flat = {}
+    for key, (name, shape, _) in zip(jax.random.split(jax.random.key(seed), len(table)), table):
+        z = jax.random.normal(key, shape, jnp.float32)
+        if len(shape) == 1:
+            flat[name] = 0.5 + 0.3 * z
+        elif name == "transformer.wte.weight" or name.startswith("value_embeds."):
+            flat[name] = z
+        else:
+            flat[name] = z / math.sqrt(shape[1])
+    return unflatten_params(flat)
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,8 +155,6 @@ def run_trainer(out_dir: Path, run: str, *extra: str, env: dict, timeout: float 
 def load_state(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
     """(step, {leaf path: numpy array}) of a run's checkpoint `step` (default: the latest complete
     one), read on one device whatever device count saved it."""
-    import jax
-
     from jaxrl.run_state import CheckpointManager
 
     with CheckpointManager(Path(run_dir, "checkpoints")) as mgr:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ARITH, REPO, SHARED
+from conftest import ARITH, REPO, SHARED, tiny_config, tiny_params
 
 from jaxrl import distributed
 from jaxrl.calculator import use_calculator
@@ -279,10 +279,9 @@ def test_import_dir_with_broken_model_json(tmp_path):
 
 def test_import_output_exists_or_fails_half_way(tmp_path, monkeypatch):
     from jaxrl.run_state import import_dir
-    from jaxrl.model import init_params
 
-    config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=4, vocab_size=64, sequence_len=32)
-    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    config = tiny_config()
+    params = jax.tree.map(np.asarray, tiny_params(config))
     write(tmp_path / "out" / "keep.txt", "mine")
     with raises(CheckpointError, f"output {tmp_path / 'out'} already exists", "--force"):
         save_jaxrl_import(tmp_path / "out", config, params, {})
@@ -429,6 +428,7 @@ def tiny_args(tmp_path, *extra):
             f"--data_dir={ARITH_DATA}", f"--out_dir={tmp_path / 'runs'}", *extra]
 
 
+@pytest.mark.cli
 def test_cli_missing_config_file(tmp_path):
     proc = run_script("train_rl.py", "--config", tmp_path / "nope.toml", f"--out_dir={tmp_path}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -436,6 +436,7 @@ def test_cli_missing_config_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.cli
 def test_cli_toml_syntax_error(tmp_path):
     f = write(tmp_path / "bad.toml", 'run = "x"\ndtype = float32\n')
     proc = run_script("train_rl.py", "--config", f, f"--out_dir={tmp_path / 'runs'}")
@@ -444,6 +445,7 @@ def test_cli_toml_syntax_error(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 def test_cli_checkpoint_does_not_exist(tmp_path):
     proc = run_script("train_rl.py", *tiny_args(tmp_path, f"--checkpoint={tmp_path / 'no_such_ckpt'}"))
     assert proc.returncode == 1
@@ -451,6 +453,7 @@ def test_cli_checkpoint_does_not_exist(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 def test_cli_rows_do_not_split_over_devices(tmp_path):
     """examples_per_step x num_samples rows must split into whole device_batch_size passes per device."""
     proc = run_script("train_rl.py", *tiny_args(tmp_path, "--examples_per_step=2", "--num_samples=4",
@@ -461,6 +464,7 @@ def test_cli_rows_do_not_split_over_devices(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_data_dir_without_test_jsonl(tmp_path):
     data = tmp_path / "data"
@@ -471,6 +475,7 @@ def test_cli_data_dir_without_test_jsonl(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_fresh_run_over_existing_checkpoints(tmp_path):
     run_dir = tmp_path / "runs" / "arith_tiny"
@@ -484,6 +489,7 @@ def test_cli_fresh_run_over_existing_checkpoints(tmp_path):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.cli
 def test_cli_eval_checkpoint_missing(tmp_path):
     proc = run_script("eval_rl.py", "--checkpoint", tmp_path / "nope", "--json", tmp_path / "out.json")
     assert proc.returncode == 1

@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 import test_bad_inputs as base
-from conftest import ARITH
+from conftest import ARITH, tiny_config, tiny_params
 
 from jaxrl import model, rollout
-from jaxrl.run_state import CheckpointError, RunPaths, load_jaxrl_import, save_jaxrl_import
 from jaxrl.config import ConfigError, check_writable_dir
 from jaxrl.config_io import load_config
-from jaxrl.model import GPTConfig, init_params
+from jaxrl.model import GPTConfig
+from jaxrl.run_state import CheckpointError, RunPaths, load_jaxrl_import, save_jaxrl_import
 from jaxrl.tasks import open_task
 from jaxrl.tasks.gsm8k import GSM8K, evaluate, reward, row_to_conversation
 from jaxrl.tokenizer import Tokenizer
@@ -31,8 +31,8 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # chmod does not stop ro
 
 
 def _tiny_import(path, poison=None):
-    config = GPTConfig(n_layer=1, n_embd=64, n_head=4, n_kv_head=4, vocab_size=64, sequence_len=32)
-    params = jax.tree.map(np.array, init_params(config, jax.random.key(0)))
+    config = tiny_config()
+    params = jax.tree.map(np.array, tiny_params(config))
     if poison:
         params["transformer"]["h"]["0"]["mlp"]["c_fc"]["weight"][3, 5] = poison
     return save_jaxrl_import(path, config, params, {"generation": config.generation, "source": {"step": 0}})
@@ -247,6 +247,7 @@ def test_env_attention_unknown_or_cudnn_on_cpu(monkeypatch):
 # Command line: the scripts turn these errors into one line, exit 1, nothing written
 
 
+@pytest.mark.cli
 def test_cli_train_bad_paths(tmp_path):
     """Checked before jax is imported: an out_dir under a file, a config path that is a folder."""
     write(tmp_path / "f", "a file")
@@ -258,6 +259,7 @@ def test_cli_train_bad_paths(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
+@pytest.mark.cli
 def test_cli_eval_bad_arguments(tmp_path):
     """eval_rl's values are checked before jax is imported; an unwritable --json before the eval."""
     write(tmp_path / "f", "a file")
@@ -275,6 +277,7 @@ def test_cli_eval_bad_arguments(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
+@pytest.mark.cli
 def test_cli_train_data_errors(tmp_path):
     """Data is read before the model: an empty train.jsonl, a data_dir that is a file."""
     data = tmp_path / "data"
@@ -288,6 +291,7 @@ def test_cli_train_data_errors(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_cli_train_max_new_tokens_above_context(tmp_path):
     proc = base.run_script("train_rl.py", *base.tiny_args(tmp_path, "--max_new_tokens=5000"))

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_config, tiny_params
 
 from benchmarks import device as bench_device
 from benchmarks import floor as bench_floor
@@ -63,6 +63,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", list(TINY))
 def test_subcommand_ends_with_complete_json(runs, name):
     if name == "convert":
@@ -80,6 +81,7 @@ def test_subcommand_ends_with_complete_json(runs, name):
     assert out.read_text().splitlines() == [last], "--out must append exactly the final JSON line"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", list(PROFILED))
 def test_profile_summarises_a_real_trace(runs, name):
     """--profile: one summary per profiled call, each naming a trace file that exists, with ops
@@ -174,12 +176,8 @@ def test_floor_runs_every_weight_matmul_of_a_decode_step():
     import jax
     import numpy as np
 
-    from jaxrl import model
-
-    config = model.GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                             window_pattern="SL", generation="gen-2026-07")
-    params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(3))
-    params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(4), p.shape, p.dtype), params)
+    config = tiny_config()
+    params = tiny_params(config, seed=3)
     weights = bench_floor.floor_weights(config, params)
     x = jax.random.normal(jax.random.key(5), (3, config.n_embd))
     grads = jax.grad(lambda w: bench_floor.floor_step(w, *bench_floor.floor_step(w, x, 0.0))[1])(weights)

@@ -210,6 +210,7 @@ def test_non_string_input_is_none(expr):
     assert use_calculator(expr) is None
 
 
+@pytest.mark.cli
 def test_module_imports_neither_jax_nor_torch():
     code = "import sys, jaxrl.calculator; sys.exit(bool({'jax', 'torch'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -127,6 +127,7 @@ print("save 2 finished without a rename")
 """
 
 
+@pytest.mark.cli
 def test_killed_save_never_becomes_latest(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_MID_SAVE), str(tmp_path)],
@@ -278,6 +279,7 @@ print(meta["cursor"], [(str(x.dtype), x.shape, np.asarray(x).tobytes().hex()) fo
 """
 
 
+@pytest.mark.cli
 def test_restore_saved_reads_an_8_device_save_on_one_device(tmp_path):
     """A run saved over 8 devices (or several hosts) is readable on one, e.g. by eval or export."""
     state = jax.device_put(make_state(), replicated(make_mesh()))

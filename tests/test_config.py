@@ -284,6 +284,7 @@ def test_format_config_round_trip(tmp_path, cfg):
     assert RLConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.cli
 def test_import_does_not_pull_in_jax_and_config_imports_no_jaxrl_module():
     """Scripts load the config before jax; config.py is the leaf every module may import (no cycle)."""
     import subprocess

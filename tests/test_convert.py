@@ -275,6 +275,7 @@ def test_tag_and_step_selection_end_to_end(tmp_path):
 # Memory: a d20-shaped checkpoint converts with peak RSS < 2.5x its file size
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_d20_conversion_peak_memory(tmp_path):
     config = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280,

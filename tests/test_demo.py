@@ -21,6 +21,9 @@ SHORT = ["--num_steps=2", "--examples_per_step=8", "--warmstart_steps=3", "--war
          "--eval_every=1", "--eval_examples=8", "--save_every=1", "--max_new_tokens=48"]
 
 
+pytestmark = pytest.mark.cli  # every test here runs scripts/demo.py in a subprocess
+
+
 def _demo(tmp_path, *args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "scripts/demo.py", f"--out_dir={tmp_path}", "--run=demo", *args]
@@ -109,7 +112,7 @@ def test_rl_ran_on_the_warm_start_import_dir(demo_run):
     import jax
     import numpy as np
 
-    from jaxrl.checkpoint_io import load_jaxrl_import
+    from jaxrl.run_state import load_jaxrl_import
     from jaxrl.metrics import read_metrics
     from jaxrl.model import flatten_params, init_params
 

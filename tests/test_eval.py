@@ -38,6 +38,7 @@ def _reference(name: str) -> dict:
     return json.loads((ARITH / name).read_text())
 
 
+@pytest.mark.cli
 def test_json_agrees_with_its_per_question_counts(tmp_path):
     """The summary figures are the estimators applied to the per-question results the JSON lists:
     pass@1 is the share of questions whose FIRST sample is right, pass@n the share with any right,
@@ -68,6 +69,7 @@ def test_json_agrees_with_its_per_question_counts(tmp_path):
         assert f"Pass@{k}: {result[f'pass@{k}']:.4f} | unbiased {want['mean']:.4f}" in stdout
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_paired_against_nanochat_engine(tmp_path):
     """jaxrl's sampler, with independent keys per question, against nanochat's Engine with an

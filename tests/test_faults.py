@@ -63,6 +63,7 @@ def _params(state: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 def test_nan_steps_are_skipped_logged_and_stop_the_run_when_consecutive(tmp_path, compile_cache, shared_dir):
     # step 1 alone is non-finite: skipped, and the run goes on; steps 3 and 4 in a row: stop
     env = trainer_env(compile_cache, **{faults.NAN_STEPS_ENV: "1,3,4"})
@@ -91,6 +92,7 @@ SMALL_DISK = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZ
 
 
 @pytest.mark.slow
+@pytest.mark.cli
 def test_failed_save_names_path_and_os_error_and_keeps_the_previous(tmp_path, reference_run, compile_cache):
     run_dir = tmp_path / "ref"
     shutil.copytree(reference_run, run_dir)

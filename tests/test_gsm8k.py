@@ -169,6 +169,7 @@ def test_empty_text_pieces_are_kept_like_nanochat():
     assert [p["text"] for p in spans if p["type"] != "text"] == ["a=b", "c", "noeq", ""]
 
 
+@pytest.mark.cli
 def test_module_imports_neither_jax_nor_torch():
     code = "import sys, jaxrl.tasks; sys.exit(bool({'jax', 'torch', 'datasets'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

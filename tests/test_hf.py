@@ -338,6 +338,7 @@ def test_tokenizer_json_is_rebuilt_from_ranks_alone():
         assert fast.encode(text, add_special_tokens=False).ids == tok.encode(text), text
 
 
+@pytest.mark.cli
 def test_jaxrl_never_imports_transformers():
     """Only convert/ may use transformers, and only when a conversion runs (its CLIs' --help need none)."""
     code = ("import importlib, pkgutil, sys, jaxrl\n"

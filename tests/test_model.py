@@ -3,22 +3,18 @@
 Shapes and finiteness, causality, KV-cache prefill + decode == full forward (with a sliding window
 shorter than the sequence and per-row prompt lengths in one batch), and bf16 mode close to fp32.
 Golden logits against nanochat's own forward are in tests/test_convert.py (reading .pt needs torch).
-Params are random normal (not `init_params`, whose zero projections and gates would hide bugs).
+Params are conftest's `tiny_params` (not `init_params`, whose zero projections and gates would hide bugs).
 
 Run: python -m pytest -q tests/test_model.py
 """
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import GENERATIONS
+from conftest import GENERATIONS, tiny_config, tiny_params
 from jaxrl.decode import GEN_BLOCK, decode_shared, decode_step, prefill, shared_cache
-from jaxrl.model import (
-    GPTConfig, Packing, attention_impl, forward, linear, param_table, token_nll, unflatten_params,
-)
+from jaxrl.model import GPTConfig, Packing, attention_impl, forward, linear, token_nll
 
 # Tolerances, set once. fp32: cache vs full forward differ only in summation order.
 # bf16: nanochat's rounding points (8-bit mantissa, ~0.4 % per op) on logits of magnitude <= 5;
@@ -26,30 +22,10 @@ from jaxrl.model import (
 FP32_ATOL = 1e-5
 BF16_MAX_ATOL, BF16_MEAN_ATOL = 0.25, 0.03
 T_LONG = 160  # longer than the short window (128) of both 2026 generations at sequence_len 256
+SEQ_LEN = 256  # tiny model's sequence_len here: windows 128 (short) and 256 (long); T_LONG passes only the short
 
 fwd = jax.jit(forward, static_argnums=0)
 step = jax.jit(decode_step, static_argnums=0)
-
-
-def tiny_config(generation: str, **kw) -> GPTConfig:
-    """STYLE's tiny model (2 layers, n_embd 64, 4 heads; here GQA with 2 kv heads) over a byte vocab
-    plus nanochat's 9 specials (265, padded to 320 in the 2026 gens); layer 0 windowed ("SL")."""
-    return GPTConfig(sequence_len=256, vocab_size=265, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                     window_pattern="SL", generation=generation, **kw)
-
-
-def random_params(config: GPTConfig, seed: int = 0):
-    table = param_table(config)
-    flat = {}
-    for key, (name, shape, _) in zip(jax.random.split(jax.random.key(seed), len(table)), table):
-        z = jax.random.normal(key, shape, jnp.float32)
-        if len(shape) == 1:  # lambdas and smear/backout scalars: away from the special values 0 and 1
-            flat[name] = 0.5 + 0.3 * z
-        elif name == "transformer.wte.weight" or name.startswith("value_embeds."):
-            flat[name] = z
-        else:
-            flat[name] = z / math.sqrt(shape[1])
-    return unflatten_params(flat)
 
 
 def random_tokens(config: GPTConfig, shape, seed: int = 1):
@@ -58,8 +34,8 @@ def random_tokens(config: GPTConfig, shape, seed: int = 1):
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_shapes_and_finiteness(generation):
-    config = tiny_config(generation)
-    params = random_params(config)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
+    params = tiny_params(config)
     idx = random_tokens(config, (2, 40))
     logits = fwd(config, params, idx)
     assert logits.shape == (2, 40, config.vocab_size) and logits.dtype == jnp.float32
@@ -73,8 +49,8 @@ def test_shapes_and_finiteness(generation):
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_causality(generation):
     """Changing token t leaves logits before t unchanged and changes logits at t."""
-    config = tiny_config(generation)
-    params = random_params(config)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
+    params = tiny_params(config)
     idx = random_tokens(config, (2, T_LONG))
     for t in (0, 37, T_LONG - 1):
         changed = idx.at[:, t].set((idx[:, t] + 1) % config.vocab_size)
@@ -87,9 +63,9 @@ def test_causality(generation):
 def test_cached_prefill_and_decode_equal_full_forward(generation):
     """Rows with prompt lengths 5, 17, 30 prefilled in one left-padded batch, then decoded one
     token at a time to position T_LONG-1 (past the short window), match the full forward."""
-    config = tiny_config(generation)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
     assert config.window_sizes()[0] is None or config.window_sizes()[0] < T_LONG
-    params = random_params(config)
+    params = tiny_params(config)
     seq = random_tokens(config, (3, T_LONG))
     full = np.asarray(fwd(config, params, seq))
     lengths = np.array([5, 17, 30])
@@ -115,8 +91,8 @@ def test_shared_prompt_decode_equals_full_forward(generation):
     """The sampler's decode (one prompt cache shared by N samples, generated keys in blocks of
     GEN_BLOCK columns) matches the full forward of every row, across two block boundaries and a
     partial last block, with prompts of different lengths and samples that differ from column 0."""
-    config = tiny_config(generation)
-    params = random_params(config)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
+    params = tiny_params(config)
     P, N, M = 2, 3, 2 * GEN_BLOCK + 6
     lengths = np.array([5, 17])
     width = int(lengths.max())
@@ -141,8 +117,8 @@ def test_fused_attention_path_equals_einsum(generation):
     the einsum path's logits and gradients: plain rows past the short window, one packed row (a
     prompt shared by two continuations), and left-padded prefill (padding slots excluded). The
     setting is a static field of the config, so each value compiles its own function."""
-    config = tiny_config(generation)
-    params = random_params(config)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
+    params = tiny_params(config)
     seq = random_tokens(config, (2, T_LONG))
     p, a, b = 7, 9, 6  # packed row: prompt (piece 0), continuations (pieces 1, 2) that both extend it
     packed = random_tokens(config, (1, p + a + b), seed=5)
@@ -214,8 +190,8 @@ def test_linear_gradient_equals_autodiff(dtype, seed):
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_bf16_mode_is_close_to_fp32(generation):
-    config = tiny_config(generation)
-    params = random_params(config)
+    config = tiny_config(generation, sequence_len=SEQ_LEN)
+    params = tiny_params(config)
     idx = random_tokens(config, (3, T_LONG))
     a = np.asarray(fwd(config, params, idx))
     b = np.asarray(fwd(config.replace(compute_dtype="bfloat16"), params, idx))

@@ -17,7 +17,7 @@ from conftest import TINY_STEPS, differing_leaves, load_state, trainer_cmd, trai
 
 from jaxrl.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cli]
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import FIXTURES, GENERATIONS
+from conftest import FIXTURES, GENERATIONS, tiny_config
 from jaxrl.model import GPTConfig, flatten_params, param_table, unflatten_params
 from jaxrl.muon import BETA2, muon
 from jaxrl.optim import (adamw, build_optimizer, default_muon_dtype, group_lrs, group_specs, lr_multiplier,
@@ -36,12 +36,6 @@ MUON_FP32_REL = 1e-4
 # only layer with an fp32 golden) a layer's error may be. Measured: ≤ 1.04 over layers 0–3.
 BF16_LAYER_SPREAD = 1.25
 BF16_MISMATCH_LIMIT = {"gen-2025-10": 0, "gen-2026-07": 16}  # elements off by exactly 1 bf16 ulp
-
-
-def tiny_config(generation: str) -> GPTConfig:
-    """The shared tiny test model (2 layers, n_embd 64, 4 heads; 2 kv heads for a wide c_k)."""
-    return GPTConfig(sequence_len=64, vocab_size=265, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                     generation=generation)
 
 
 def abstract_params(config: GPTConfig, dtype=np.float32) -> dict:

@@ -24,7 +24,7 @@ from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer
 
 from jaxrl.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cli]
 
 
 def _unfinished_saves(run_dir: Path) -> list[Path]:

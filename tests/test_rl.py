@@ -6,19 +6,22 @@ Run: `python -m pytest tests/test_rl.py -q`. Uses small random models; no fixtur
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from jaxrl import model as gpt
 from jaxrl import optim, packing, rl, sharding
 
-CFG = gpt.GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                    window_pattern="SSL", generation="gen-2026-07")  # 3 layers: backout (at n_layer//2) is not the last block, whose output rms_norm makes scale-invariant
+# 3 layers: backout (at n_layer//2) is not the last block, whose output rms_norm makes scale-invariant.
+# Vocabulary 300: the batches below draw tokens under 290 and pad with 299.
+CFG = tiny_config(n_layer=3, window_pattern="SSL", vocab_size=300)
 PAD = 299
 SPEC = rl.LossSpec(device_batch_size=2, num_passes=2, examples_per_step=2)  # 2 questions x 4 samples
 
 
 def _params(seed=0):
     p = gpt.init_params(CFG, jax.random.key(seed))
-    # init has zero projections; perturb so every parameter gets a gradient
+    # init has zero projections; perturb so every parameter gets a gradient. Not conftest's
+    # tiny_params: the 1-vs-8-device tolerances below were measured on these smaller weights.
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
@@ -243,8 +246,7 @@ def test_pack_keeps_the_objective_and_gradient():
 def test_pack_forward_with_sliding_windows(generation):
     """Windows of 8 and 16 tokens (sequence_len 16, rows up to 60): packed continuations attending
     to a shared prompt copy see the same window as in their own row."""
-    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                        window_pattern="SSL", generation=generation)
+    cfg = tiny_config(generation, sequence_len=16, n_layer=3, window_pattern="SSL", vocab_size=300)
     p = gpt.init_params(cfg, jax.random.key(3))
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(4), len(leaves))

@@ -167,6 +167,7 @@ def sleeper():
     proc.wait()
 
 
+@pytest.mark.cli
 def test_run_dir_lock(tmp_path, sleeper):
     run_dir = tmp_path / "out" / "run"
     claim = run_state.claim_run_dir(run_dir)
@@ -196,6 +197,7 @@ def test_run_dir_lock(tmp_path, sleeper):
         run_state.claim_run_dir(run_dir)
 
 
+@pytest.mark.cli
 def test_trainer_refuses_a_locked_run_dir(tmp_path, compile_cache, sleeper):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "run.lock").write_text(json.dumps(_lock_of(sleeper)))
@@ -245,6 +247,7 @@ print("still running")
 """
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("phase", ["setup", "training"])
 def test_signals_defer_once_then_exit_at_once(phase):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -269,6 +272,7 @@ def _no_traceback(proc) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_bit_rot_in_the_latest_checkpoint_falls_back_and_ends_identical(tmp_path, reference_run, compile_cache):
     """4096 flipped bytes in the largest data file of the last checkpoint: eval/export refuse it, --resume
@@ -312,6 +316,7 @@ def _step_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["event"] == "step"] if (run_dir / "metrics.jsonl").is_file() else []
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_signals_then_resume_end_bit_identical(tmp_path, reference_run, compile_cache):
     """A signal before step 0 removes the new run dir; two SIGINTs exit at once; a restart from step 0
@@ -371,6 +376,7 @@ def zero_reward_run(tmp_path_factory, compile_cache, shared_dir):
     return out, data, proc
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_zero_rewards_warn_and_max_nonfinite_skips_0_never_stops(zero_reward_run):
     out, _, proc = zero_reward_run
@@ -381,6 +387,7 @@ def test_zero_rewards_warn_and_max_nonfinite_skips_0_never_stops(zero_reward_run
            "had pass@k 0 for every k)" in proc.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_resume_refuses_changed_data_unless_allowed(zero_reward_run, compile_cache):
     out, data, _ = zero_reward_run

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
-from conftest import ARITH, FIXTURES, GENERATIONS, SHARED
+from conftest import ARITH, FIXTURES, GENERATIONS, SHARED, tiny_config, tiny_params
 from jax.experimental import io_callback
 
 from jaxrl import decode
@@ -52,17 +52,9 @@ def engine_cases(generation) -> dict:
 
 @functools.cache
 def tiny_model(generation="gen-2026-07"):
-    """STYLE's tiny config (2 layers, n_embd 64, 4 heads, seq 64) over the fixture tokenizer's vocab;
-    N(0, 1/fan_in) noise on every matrix (init zeroes c_proj and lm_head) so logits see the context."""
-    config = gpt.GPTConfig(sequence_len=64, vocab_size=tokenizer().get_vocab_size(), n_layer=2, n_head=4,
-                           n_kv_head=2, n_embd=64, window_pattern="SL", generation=generation)
-    flat = gpt.flatten_params(gpt.init_params(config, jax.random.key(0)))
-    keys = jax.random.split(jax.random.key(1), len(flat))
-    for k, (name, w) in zip(keys, sorted(flat.items())):
-        if w.ndim == 2:
-            scale = 3.0 if name == "lm_head.weight" else 1.0
-            flat[name] = w + scale * w.shape[1] ** -0.5 * jax.random.normal(k, w.shape)
-    return config, gpt.unflatten_params(flat)
+    """conftest's tiny model over the fixture tokenizer's vocabulary (its specials drive the tool)."""
+    config = tiny_config(generation, vocab_size=tokenizer().get_vocab_size())
+    return config, tiny_params(config)
 
 
 def forced_spans(completion, mask):

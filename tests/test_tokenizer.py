@@ -196,6 +196,7 @@ def test_from_directory_requires_nanochat_special_tokens(tmp_path):
         Tokenizer.from_directory(tmp_path)
 
 
+@pytest.mark.cli
 def test_module_imports_neither_jax_nor_torch():
     code = "import sys, jaxrl.tokenizer; sys.exit(bool({'jax', 'torch'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
