@@ -70,6 +70,20 @@ def _subprocesses_need_cli_marker(item):
         subprocess.Popen.__init__ = popen_init
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where jax's default backend is an NVIDIA GPU; elsewhere they are reported
+    as skipped with the backend found (scripts/device_check.sh runs them on a GPU machine)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import jax
+
+    if jax.default_backend() != "gpu":
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU; jax's backend here is {jax.default_backend()!r}")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

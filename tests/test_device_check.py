@@ -1,0 +1,50 @@
+"""scripts/device_check.sh rehearsed on this machine at toy sizes (DEVICE_CHECK_SMOKE=1), so the
+script a short GPU loan depends on is known to run end to end before a GPU is ever lent:
+
+    python -m pytest -q tests/test_device_check.py
+"""
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import REPO, SHARED
+
+pytestmark = [pytest.mark.cli]
+
+SCRIPT = REPO / "scripts" / "device_check.sh"
+
+
+def run_check(out, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXRL_"))}
+    environ.update(DEVICE_CHECK_SMOKE="1", JAXRL_SHARED=str(SHARED), **env)
+    return subprocess.run(["bash", str(SCRIPT), str(out)], cwd=REPO, env=environ, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_every_step_runs_and_lands_in_the_table(tmp_path):
+    proc = run_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["gpu_tests", "sampler", "train", "rl_step", "floor", "sampler_arith"]
+    assert all(s["rc"] == 0 for s in steps), steps
+    assert "2 skipped" in (tmp_path / "gpu_tests.log").read_text()  # on a CPU: reported, not passed
+    records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+    assert [r["bench"] for r in records] == ["sampler", "train", "rl-step", "floor", "sampler"]
+    assert all(r.get("profile") for r in records[:3]), "sampler, train and rl-step ran with --profile"
+    summary = json.loads(proc.stdout.strip().splitlines()[-2])  # the last line is the script's own
+    assert [r["bench"] for r in summary["rows"]] == [r["bench"] for r in records]
+    assert summary["failed_steps"] == [] and summary["commit"]
+    assert all(r["tokens/s"] > 0 and r["seconds"] > 0 for r in summary["rows"])
+
+
+def test_a_spent_budget_is_reported_not_silent(tmp_path):
+    """With no time left every step is listed as not run, and the check exits non-zero."""
+    proc = run_check(tmp_path, DEVICE_CHECK_BUDGET="5")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 6 and all(s["rc"] is None for s in steps)
+    summary = json.loads(proc.stdout.strip().splitlines()[-2])
+    assert summary["rows"] == [] and len(summary["failed_steps"]) == 6
+    assert proc.stdout.count("not run (budget spent)") == 6
