@@ -88,6 +88,6 @@ if [ "$JAX_PLATFORMS" = cuda ]; then
 fi
 step sampler_arith 90 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${ARITH[@]}" --out "$JSONL"
 
-python scripts/bench_summary.py "$JSONL" "$OUT/steps.jsonl"
+python -m benchmarks.summary "$JSONL" "$OUT/steps.jsonl"
 echo "device check: $((SECONDS - START)) s; records in $JSONL"
 exit $FAILED

@@ -1,6 +1,6 @@
 """One table from bench.py's JSONL records: the figures docs/benchmarks.md's GPU section quotes.
 
-    python scripts/bench_summary.py RECORDS.jsonl [STEPS.jsonl]
+    python -m benchmarks.summary RECORDS.jsonl [STEPS.jsonl]
 
 scripts/device_check.sh prints it at the end. One row per configuration (a sampler or floor sweep
 gives a row per row count); STEPS.jsonl (the check's per-step exit statuses) adds a line for each
