@@ -211,8 +211,8 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
             out=jax.tree.map(lambda a: a[idx], state.out), done=state.done[idx], pad=state.pad[prompt],
             logits=state.logits[idx], in_py=state.in_py[idx], expr_start=state.expr_start[idx],
             queue=state.queue[idx], qlen=state.qlen[idx], qhead=state.qhead[idx],
-            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], jax.tree.map(lambda a: a[idx], c.kg),
-                                     jax.tree.map(lambda a: a[idx], c.vg), c.prev_emb[idx]))
+            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], jax.tree.map(lambda a: a[:, idx], c.kg),
+                                     jax.tree.map(lambda a: a[:, idx], c.vg), c.prev_emb[idx]))
         small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
                         lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
         return state.replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
