@@ -35,7 +35,7 @@ def random_flat(config: GPTConfig, seed: int) -> dict:
     flat = {}
     for name, shape, _ in param_table(config):
         z = rng.standard_normal(shape).astype(np.float32)
-        flat[name] = 0.5 + 0.3 * z if len(shape) == 1 else z / np.sqrt(shape[-1])
+        flat[name] = (0.5 + 0.3 * z if len(shape) == 1 else z / np.sqrt(shape[-1])).astype(np.float32)
     return flat
 
 
