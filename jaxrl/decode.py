@@ -8,7 +8,9 @@ Two cache layouts, both read by the model's own trunk through an attention "view
   (stored in the layouts the attention einsums read, one buffer per block stacked over the
   layers, so a decode step writes one column per layer in place).
 Every cache array has a leading layer axis: the model's layer scan (jaxrl/stack.py) carries the
-cache and each layer writes and reads its own slice.
+cache and each layer writes and reads its own slice. Where the layers run unrolled, the sampler's
+cache is `stack.Layers` instead (one array per layer), so a decode step copies no layer out of a
+stack.
 
 Test: `pytest tests/test_model.py` (cache = full forward) and `pytest tests/test_sampler.py`.
 """
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl import model as gpt
+from jaxrl import stack
 from jaxrl.model import GPTConfig, Params
 
 GEN_BLOCK = 64  # generated keys/values live in blocks of this many columns (the sampler's decode phases)
@@ -32,11 +35,6 @@ class KVCache(NamedTuple):
     k: jax.Array  # (L, B, S, K, Dh)
     v: jax.Array  # (L, B, S, K, Dh)
     prev_emb: jax.Array  # (B, D) pre-smear embedding of the last token (gen-2026-07; zeros otherwise)
-
-
-def _layer(a, i):
-    """Layer i of a stacked cache array: a static slice for a Python/numpy index, else dynamic."""
-    return a[i]
 
 
 class SlotView:
@@ -51,7 +49,7 @@ class SlotView:
         ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, self.slot, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, self.slot, 0, 0))
         k_pos = jnp.arange(ck.shape[2], dtype=jnp.int32)[None, :] - self.pad[:, None]
-        y = gpt.attend(q, _layer(ck, i).astype(q.dtype), _layer(cv, i).astype(q.dtype), positions, k_pos, window)
+        y = gpt.attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), positions, k_pos, window)
         return y, (ck, cv)
 
 
@@ -73,21 +71,18 @@ class SharedView:
         # layer the operand layouts of the einsums below, so a step writes one column in place)
         kgs, vgs = state
         off = self.col - last * GEN_BLOCK
-        kb = jax.lax.dynamic_update_slice(kgs[last], jnp.transpose(k, (0, 2, 3, 1))[None].astype(kgs[last].dtype),
-                                          (i, 0, 0, 0, off))
-        vb = jax.lax.dynamic_update_slice(vgs[last], jnp.transpose(v, (0, 2, 1, 3))[None].astype(vgs[last].dtype),
-                                          (i, 0, 0, off, 0))
+        kb = stack.write_layer(kgs[last], i, jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, off))
+        vb = stack.write_layer(vgs[last], i, jnp.transpose(v, (0, 2, 1, 3)), (0, 0, off, 0))
         kgs, vgs = kgs[:last] + (kb,) + kgs[n_blocks:], vgs[:last] + (vb,) + vgs[n_blocks:]
-        kg = [_layer(b, i) for b in kgs[:n_blocks]]
-        vg = [_layer(b, i) for b in vgs[:n_blocks]]
-        P, Tp = c.kp.shape[1], c.kp.shape[2]
+        kg = [b[i] for b in kgs[:n_blocks]]
+        vg = [b[i] for b in vgs[:n_blocks]]
+        P, Tp, K = c.kp[0].shape[:3]
         R, _, H, hd = q.shape
-        K = c.kp.shape[3]
         N = R // P
         G = sum(b.shape[-1] for b in kg)
         qp = q.reshape(P, N, K, H // K, hd)
         qr = q.reshape(R, K, H // K, hd)
-        sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, _layer(c.kp, i).astype(q.dtype), preferred_element_type=jnp.float32)
+        sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
         sg = [jnp.einsum("rkgd,rkds->rkgs", qr, b.astype(q.dtype), preferred_element_type=jnp.float32) for b in kg]
         kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
         kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
@@ -101,7 +96,7 @@ class SharedView:
                                  axis=-1) / math.sqrt(hd)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         pp = probs[..., :Tp].reshape(P, N, K, H // K, Tp)
-        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, _layer(c.vp, i).astype(q.dtype),
+        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype),
                        preferred_element_type=jnp.float32).reshape(R, K, H // K, hd)
         start = Tp
         for b in vg:
@@ -147,18 +142,23 @@ class SharedCache(NamedTuple):
     vp: jax.Array  # (L, P, Tp, K, Dh)
     kg: tuple  # per block of GEN_BLOCK columns: (L, R, K, Dh, B) keys of generated tokens
     vg: tuple  # the same blocks of their values, (L, R, K, B, Dh)
+    # (every array here is `stack.Layers` of its L per-layer arrays where the layers run unrolled)
     prev_emb: jax.Array  # (R, D) pre-smear embedding of the last token (gen-2026-07)
 
 
 def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_tokens: int) -> SharedCache:
-    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows."""
+    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows
+    (stacked arrays, or `stack.Layers` when the layers run unrolled)."""
     L, P, Tp, K, hd = cache.k.shape
     R = P * num_samples
     widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
     kg = tuple(jnp.zeros((L, R, K, hd, w), cache.k.dtype) for w in widths)
     vg = tuple(jnp.zeros((L, R, K, w, hd), cache.k.dtype) for w in widths)
     prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
-    return SharedCache(cache.k, cache.v, kg, vg, prev)
+    kp, vp = cache.k, cache.v
+    if not stack.scan_layers(config.n_layer):
+        kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
+    return SharedCache(kp, vp, kg, vg, prev)
 
 
 def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
@@ -168,7 +168,7 @@ def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: Sh
     static, the end of the GEN_BLOCK block that holds `col` (or max_new_tokens), so early columns
     read less. Returns (logits (R,V) f32, cache).
     """
-    P, Tp = cache.kp.shape[1], cache.kp.shape[2]
+    P, Tp = pad.shape[0], cache.kp[0].shape[1]
     R = tokens.shape[0]
     row_pad = jnp.repeat(pad, R // P, axis=0, total_repeat_length=R)
     positions = ((Tp - row_pad) + col)[:, None].astype(jnp.int32)

@@ -7,10 +7,15 @@ embeddings alternate, else 1) that `lax.scan` repeats with the scalars as scanne
 compiled body per kind of layer, whatever the depth. With an odd n_layer and value embeddings,
 the first layer (a value-embedding one) runs before the scan.
 
-Unrolled (`scan=False`), the same layer function runs once per layer with static indices: the
-small models' decode on a CPU is faster that way (see `scan_layers`).
+Unrolled (`scan=False`), the same layer function runs once per layer on that layer's own arrays:
+the stacked leaves are split once (`unstack`: one split forward, one concatenate for the
+gradient, instead of a slice per layer whose gradient is padded to the whole stack and added).
+A loop over decode steps should not split anything in its body (XLA does not hoist slices out
+of a while loop, so every step would copy every layer's weights and cache): `for_loop` splits
+the params before the loop into `Layers` (one array per layer, indexed statically), and the
+sampler's cache is `Layers` too when unrolled, so a step reads and writes each layer in place.
 
-Test: `pytest tests/test_model.py -k scan`.
+Test: `pytest tests/test_stack.py` (scan = unrolled, the unrolled decode in `Layers`).
 """
 from __future__ import annotations
 
@@ -54,8 +59,75 @@ def layer_inputs(config, params) -> tuple[dict, dict | None]:
     return per_layer, None
 
 
+@jax.tree_util.register_pytree_node_class
+class Layers:
+    """A stacked array kept as one array per layer (unrolled decode); `x[i]` takes layer i (static)."""
+
+    def __init__(self, arrays):
+        self.arrays = tuple(arrays)
+
+    def __getitem__(self, i):
+        return self.arrays[i]
+
+    def tree_flatten(self):
+        return self.arrays, None
+
+    @classmethod
+    def tree_unflatten(cls, _, arrays):
+        return cls(arrays)
+
+
+def _is_layers(x) -> bool:
+    return isinstance(x, Layers)
+
+
+def write_layer(a, i, update, start: tuple):
+    """`a` with layer i's slice at `start` (its per-layer indices) replaced by `update`, in place:
+    one dynamic_update_slice of the stack, or of layer i's own array in `Layers`."""
+    if _is_layers(a):
+        new = jax.lax.dynamic_update_slice(a[i], update.astype(a[i].dtype), start)
+        return Layers(a.arrays[:i] + (new,) + a.arrays[i + 1:])
+    return jax.lax.dynamic_update_slice(a, update[None].astype(a.dtype), (i, *start))
+
+
+def map_layers(fn: Callable, a):
+    """fn applied to each layer's array: `Layers` of the results, or their stack for an array."""
+    if _is_layers(a):
+        return Layers(fn(x) for x in a.arrays)
+    return jax.vmap(fn)(a)
+
+
+def unstack(tree: Any, n: int) -> list:
+    """Per-layer trees of a tree of stacked leaves (n, ...): one split per leaf; numpy leaves
+    (static per-layer values) and `Layers` are indexed as they are."""
+    def split(a):
+        if _is_layers(a) or isinstance(a, np.ndarray):
+            return [a[i] for i in range(n)]
+        return [x[0] for x in jnp.split(a, n)]
+
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_layers)
+    parts = [split(a) for a in leaves]
+    return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
+
+
+def for_loop(config, params) -> Any:
+    """The params for a loop of unrolled decode steps: every stacked leaf split once into `Layers`
+    (unchanged when the layers run under lax.scan, which slices inside its own body)."""
+    if scan_layers(config.n_layer):
+        return params
+
+    def split(a):
+        return Layers(x[0] for x in jnp.split(a, a.shape[0]))
+
+    out = dict(params, transformer=dict(params["transformer"], h=jax.tree.map(split, params["transformer"]["h"])))
+    for name in ("value_embeds", "resid_lambdas", "x0_lambdas"):
+        if name in params:
+            out[name] = jax.tree.map(split, params[name])
+    return out
+
+
 def _take(tree: Any, i) -> Any:
-    return jax.tree.map(lambda a: a[i], tree)
+    return jax.tree.map(lambda a: a[i], tree, is_leaf=_is_layers)
 
 
 def _stack(ys: list) -> Any:
@@ -71,9 +143,10 @@ def run_layers(fn: Callable, carry: Any, per_layer: Any, per_ve: Any, n_layer: i
     """
     ve = ve_layers(n_layer) if per_ve is not None else []
     if not scan:
+        layers, ves = unstack(per_layer, n_layer), (unstack(per_ve, len(ve)) if ve else [])
         ys = []
         for i in range(n_layer):
-            carry, y = fn(carry, _take(per_layer, i), _take(per_ve, ve.index(i)) if i in ve else None)
+            carry, y = fn(carry, layers[i], ves[ve.index(i)] if i in ve else None)
             ys.append(y)
         return carry, _stack(ys)
     lead, period = layout(n_layer, per_ve is not None)

@@ -3,11 +3,14 @@
 nanochat's flat names <-> the stacked tree round trip (and the older per-layer tree); the scanned
 blocks equal the unrolled ones (training forward and gradients, prefill, the sampler's decode)
 for an even and an odd depth, where the odd one runs its first value-embedding layer before the
-scan; the traced program does not grow with depth.
+scan; the traced program does not grow with depth; an unrolled model's decode loops read no
+stacked array (no per-step copy of a layer out of a stack); Muon batches stacked matrices on one
+axis.
 
 Run: python -m pytest -q tests/test_stack.py
 """
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,6 +133,10 @@ def test_scan_equals_unrolled_decode(generation, monkeypatch):
     (scanned, cs), (unrolled, cu) = _run_both(run, monkeypatch)
     for col, (a, b) in enumerate(zip(scanned, unrolled)):
         np.testing.assert_allclose(a, b, rtol=0, atol=ATOL, err_msg=f"step {col}")
+    # unrolled, the cache holds one array per layer (stack.Layers): compare it stacked
+    cu = jax.tree.map(lambda x: jnp.stack(x.arrays) if isinstance(x, stack.Layers) else x, cu,
+                      is_leaf=lambda x: isinstance(x, stack.Layers))
+    assert jax.tree.structure(cs) == jax.tree.structure(cu)
     for a, b in zip(jax.tree.leaves(cs), jax.tree.leaves(cu)):
         np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
 
@@ -172,3 +179,61 @@ def test_per_layer_import_dir_loads_stacked(tmp_path):
         np.testing.assert_array_equal(a, b)
     for key, value in flatten_params(new).items():
         np.testing.assert_array_equal(value, flat[key], err_msg=key)
+
+
+def _while_bodies(jaxpr):
+    """Every while-loop body inside a closed jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            yield eqn.params["body_jaxpr"].jaxpr
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _while_bodies(sub)
+
+
+@pytest.mark.parametrize("n_layer", [3, 5])
+def test_unrolled_decode_loop_reads_no_stack(n_layer):
+    """The sampler's decode loops of an unrolled model see each layer's weights and cache as their
+    own arrays (stack.Layers, split once before the loop): no array with a stacked parameter's or
+    cache block's shape enters a loop body, where XLA would copy a layer out of the stack every
+    step. A scanned model (5 layers) carries its stacks through its loops instead."""
+    from jaxrl import sampler
+    from jaxrl.tokenizer import SpecialIds
+
+    config = config_of("gen-2026-07", n_layer)
+    params = jax.tree.map(jnp.asarray, unflatten_params(random_flat(config, seed=5)))
+    ids = SpecialIds(bos=0, user_start=6, user_end=7, assistant_start=8, assistant_end=1, python_start=2,
+                     python_end=3, output_start=4, output_end=5)
+    spec = sampler.SampleSpec(num_samples=2, max_new_tokens=70, top_k=0, greedy=False, shared_first_token=False,
+                              queue_len=1, specials=ids, pad_id=1, compact_rows=1)
+    P, T = 2, 64
+    args = (params, jnp.zeros((P, T), jnp.int32), jnp.zeros((P,), jnp.int32), jnp.zeros((P, 2, 3), jnp.int32),
+            jnp.uint32(0), jnp.float32(1.0))
+    R, K, hd = P * spec.num_samples, config.n_kv_head, config.head_dim
+    stacked = {tuple(a.shape) for a in jax.tree.leaves(params["transformer"]["h"])}
+    stacked |= {(n_layer, R, K, hd, 64), (n_layer, R, K, 64, hd), (n_layer, P, T, K, hd)}  # cache blocks
+    jaxpr = jax.make_jaxpr(sampler._compiled(config, spec, None, None))(*args).jaxpr
+    bodies = list(_while_bodies(jaxpr))
+    assert len(bodies) >= 3  # two phases of the full loop, the compacted rows' loop
+    seen = {tuple(v.aval.shape) for body in bodies for eqn in body.eqns for v in (*eqn.invars, *eqn.outvars)
+            if hasattr(v, "aval") and hasattr(v.aval, "shape")}
+    if stack.scan_layers(n_layer):
+        assert seen & stacked
+    else:
+        assert not seen & stacked, f"stacked arrays in the decode loop: {sorted(seen & stacked)}"
+
+
+def test_muon_batches_stacked_matrices_on_one_axis():
+    """Muon orthogonalises the stacked layers' matrices as one (K, rows, cols) batch per matrix
+    shape: every matmul has a single batch axis (XLA's CPU matmuls with two are several times
+    slower), and stacks of the same matrix shape (c_q and attn.c_proj) share one batch."""
+    from jaxrl import optim
+
+    config = config_of("gen-2026-07", 5)
+    params = jax.tree.map(jnp.asarray, unflatten_params(random_flat(config, seed=6)))
+    opt = optim.build_optimizer(config, num_steps=3)
+    jaxpr = jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p))(params, opt.init(params), params).jaxpr
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    batch = {len(e.params["dimension_numbers"][1][0]) for e in dots}
+    shapes = {tuple(e.invars[0].aval.shape) for e in dots}
+    assert dots and batch == {1}, batch
+    assert (2 * config.n_layer, 64, 64) in shapes  # c_q and attn.c_proj of 5 layers together
