@@ -16,7 +16,7 @@ Attention of full sequences (training, prefill): `GPTConfig.attention` (RLConfig
 JAXRL_ATTENTION override: `attention_impl`) = einsum | xla | cudnn (see `full_attention`).
 
 Test: `pytest tests/test_model.py` (causality, cache = full forward, bf16), tests/test_stack.py (scan
-= unrolled) and tests/test_convert.py (golden logits of every generation from ../shared/fixtures; needs torch).
+= unrolled) and tests/test_convert.py (golden logits of every generation; needs torch).
 """
 from __future__ import annotations
 

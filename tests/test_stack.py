@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import GENERATIONS
+from conftest import GENERATIONS, tiny_config, tiny_params
 from jaxrl import stack
 from jaxrl.decode import decode_shared, prefill, shared_cache
 from jaxrl.model import GPTConfig, flatten_params, forward, param_table, token_nll, unflatten_params
@@ -27,19 +27,15 @@ ATOL = 1e-5
 
 
 def config_of(generation: str, n_layer: int) -> GPTConfig:
-    """A tiny model with a mixed window pattern (S, L layers) of the given depth."""
-    return GPTConfig(sequence_len=128, vocab_size=265, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=64,
-                     window_pattern="SSL", generation=generation)
+    """conftest's tiny model at a given depth (scan vs unrolled, odd vs even value-embedding pairs),
+    with windows "SSL" so one scanned group mixes short and long windows, and sequence_len 128 so
+    the training batch of 99 tokens runs past gen-2026-01's short window (64) within the context."""
+    return tiny_config(generation, n_layer=n_layer, sequence_len=128, window_pattern="SSL")
 
 
 def random_flat(config: GPTConfig, seed: int) -> dict:
-    """nanochat-named random tensors; 1-d scalars away from 0 and 1, matrices scaled by fan-in."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for name, shape, _ in param_table(config):
-        z = rng.standard_normal(shape).astype(np.float32)
-        flat[name] = (0.5 + 0.3 * z if len(shape) == 1 else z / np.sqrt(shape[-1])).astype(np.float32)
-    return flat
+    """conftest's random float32 params (every value away from 0 and 1) under nanochat's flat names."""
+    return {k: np.asarray(v) for k, v in flatten_params(tiny_params(config, seed)).items()}
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
