@@ -33,7 +33,7 @@ BLOCK_DOTS = (("attn", "c_q"), ("attn", "c_k"), ("attn", "c_v"), ("attn", "c_pro
 def floor_weights(config: model.GPTConfig, params) -> dict:
     """The weights of the dots in the compute dtype: {"h": [per layer {name: (out, in)}], "lm_head": (V, D)}."""
     cast = lambda w: jnp.asarray(w, config.dtype)  # noqa: E731
-    layers = [{f"{a}.{b}": cast(params["transformer"]["h"][str(i)][a][b]["weight"]) for a, b in BLOCK_DOTS}
+    layers = [{f"{a}.{b}": cast(params["transformer"]["h"][a][b]["weight"][i]) for a, b in BLOCK_DOTS}
               for i in range(config.n_layer)]
     return {"h": layers, "lm_head": cast(params["lm_head"]["weight"])}
 

@@ -68,7 +68,7 @@ def read_nanochat(path: str | os.PathLike, *, step: int | None = None, generatio
     info = {"generation": config.generation, "generation_reason": reason, "notes": notes,
             "tokenizer_dir": str(tok_dir.resolve()) if (tok_dir / "tokenizer.pkl").is_file() else None,
             "source": source_info}
-    return config, unflatten_params(flat), info
+    return config, unflatten_params(flat, consume=True), info
 
 
 def config_from_meta(meta: dict[str, Any], generation: str, meta_file: Path) -> tuple[GPTConfig, list[str]]:

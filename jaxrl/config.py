@@ -138,6 +138,9 @@ class RLConfig:
                                "(at most nanochat's memory use). Larger is faster on accelerators, smaller "
                                "wastes less of the last chunk; the loss is still normalised per "
                                "device_batch_size pass, whatever this is.", check=NON_NEGATIVE)
+    train_remat: bool = _f(False, "Recompute each transformer block in the backward pass instead of "
+                           "keeping its activations (jax.checkpoint): less memory, about one more "
+                           "forward of compute. Same update up to float rounding.")
     train_skip_zero_advantage: bool = _f(True, "Leave rows whose advantage is exactly 0 out of the "
                                          "forward/backward: their gradient is exactly 0 and their tokens "
                                          "still count in the normalisation, so the update is nanochat's; "

@@ -5,8 +5,12 @@ Two cache layouts, both read by the model's own trunk through an attention "view
   (left padding puts every row's next token in the same slot: one in-place update per step);
 - `SharedCache` + `decode_shared` (what the sampler runs): N samples per prompt read the prompt's
   keys once per prompt, and their own generated keys from per-row blocks of GEN_BLOCK columns
-  (stored in the layouts the attention einsums read, one buffer per layer and block, so a decode
-  step writes one column in place and copies nothing).
+  (stored in the layouts the attention einsums read, one buffer per block stacked over the
+  layers, so a decode step writes one column per layer in place).
+Every cache array has a leading layer axis: the model's layer scan (jaxrl/stack.py) carries the
+cache and each layer writes and reads its own slice. Where the layers run unrolled, the sampler's
+cache is `stack.Layers` instead (one array per layer), so a decode step copies no layer out of a
+stack.
 
 Test: `pytest tests/test_model.py` (cache = full forward) and `pytest tests/test_sampler.py`.
 """
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl import model as gpt
+from jaxrl import stack
 from jaxrl.model import GPTConfig, Params
 
 GEN_BLOCK = 64  # generated keys/values live in blocks of this many columns (the sampler's decode phases)
@@ -34,42 +39,45 @@ class KVCache(NamedTuple):
 
 class SlotView:
     """Decode against one (L,B,S,K,Dh) cache: every row writes slot `slot`; slot s of row b holds
-    position s - pad[b]."""
+    position s - pad[b]. State: (k, v)."""
 
     def __init__(self, k, v, slot, pad):
-        self.k, self.v, self.slot, self.pad = k, v, slot, pad
+        self.state, self.slot, self.pad = (k, v), slot, pad
 
-    def attend(self, i, q, k, v, positions, window):
-        self.k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (i, 0, self.slot, 0, 0))
-        self.v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (i, 0, self.slot, 0, 0))
-        k_pos = jnp.arange(self.k.shape[2], dtype=jnp.int32)[None, :] - self.pad[:, None]
-        return gpt.attend(q, self.k[i].astype(q.dtype), self.v[i].astype(q.dtype), positions, k_pos, window), None
+    def attend(self, state, i, q, k, v, positions, window):
+        ck, cv = state
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, self.slot, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, self.slot, 0, 0))
+        k_pos = jnp.arange(ck.shape[2], dtype=jnp.int32)[None, :] - self.pad[:, None]
+        y = gpt.attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), positions, k_pos, window)
+        return y, (ck, cv)
 
 
 class SharedView:
     """Decode for N samples per prompt: the prompt's keys are read once per prompt, each row's
     generated keys from its own blocks of GEN_BLOCK columns, of which only the first
-    `gen_len` columns (whole blocks) are read; column `col` lies in the last of them."""
+    `gen_len` columns (whole blocks) are read; column `col` lies in the last of them.
+    State: (kg, vg), the cache's generated blocks."""
 
     def __init__(self, cache: "SharedCache", col, pad, gen_len: int):
         self.c, self.col, self.pad, self.gen_len = cache, col, pad, gen_len
+        self.state = (cache.kg, cache.vg)
 
-    def attend(self, i, q, k, v, positions, window):
+    def attend(self, state, i, q, k, v, positions, window):
         c = self.c
         n_blocks = -(-self.gen_len // GEN_BLOCK)
         last = n_blocks - 1
-        # write column `col` into its block (keys (R,K,Dh,B), values (R,K,B,Dh): the operand layouts of the
-        # einsums below, and whole buffers, so a step neither transposes nor copies the generated cache)
-        kb = jax.lax.dynamic_update_slice(c.kg[i][last], jnp.transpose(k, (0, 2, 3, 1)).astype(c.kg[i][last].dtype),
-                                          (0, 0, 0, self.col - last * GEN_BLOCK))
-        vb = jax.lax.dynamic_update_slice(c.vg[i][last], jnp.transpose(v, (0, 2, 1, 3)).astype(c.vg[i][last].dtype),
-                                          (0, 0, self.col - last * GEN_BLOCK, 0))
-        kg, vg = c.kg[i][:last] + (kb,), c.vg[i][:last] + (vb,)
-        self.c = c._replace(kg=c.kg[:i] + (kg + c.kg[i][n_blocks:],) + c.kg[i + 1:],
-                            vg=c.vg[:i] + (vg + c.vg[i][n_blocks:],) + c.vg[i + 1:])
-        P, Tp = c.kp.shape[1], c.kp.shape[2]
+        # write column `col` of layer i into its block (keys (L,R,K,Dh,B), values (L,R,K,B,Dh): per
+        # layer the operand layouts of the einsums below, so a step writes one column in place)
+        kgs, vgs = state
+        off = self.col - last * GEN_BLOCK
+        kb = stack.write_layer(kgs[last], i, jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, off))
+        vb = stack.write_layer(vgs[last], i, jnp.transpose(v, (0, 2, 1, 3)), (0, 0, off, 0))
+        kgs, vgs = kgs[:last] + (kb,) + kgs[n_blocks:], vgs[:last] + (vb,) + vgs[n_blocks:]
+        kg = [b[i] for b in kgs[:n_blocks]]
+        vg = [b[i] for b in vgs[:n_blocks]]
+        P, Tp, K = c.kp[0].shape[:3]
         R, _, H, hd = q.shape
-        K = c.kp.shape[3]
         N = R // P
         G = sum(b.shape[-1] for b in kg)
         qp = q.reshape(P, N, K, H // K, hd)
@@ -96,7 +104,7 @@ class SharedView:
             y = y + jnp.einsum("rkgs,rksd->rkgd", probs[..., start:start + width], b.astype(q.dtype),
                                preferred_element_type=jnp.float32)
             start += width
-        return y.astype(q.dtype).reshape(R, 1, H, hd), None
+        return y.astype(q.dtype).reshape(R, 1, H, hd), (kgs, vgs)
 
 
 def prefill(config: GPTConfig, params: Params, idx, pad, cache_len: int):
@@ -110,11 +118,9 @@ def prefill(config: GPTConfig, params: Params, idx, pad, cache_len: int):
     B, T = idx.shape
     assert cache_len >= T, f"cache_len {cache_len} < prompt bucket {T}"
     positions = jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None]
-    x, kvs, e_last = gpt.trunk(config, params, idx, positions)
-    widths = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
-    k = jnp.stack([jnp.pad(kv[0], widths) for kv in kvs])
-    v = jnp.stack([jnp.pad(kv[1], widths) for kv in kvs])
-    return gpt.logits_from_hidden(config, params, x[:, -1]), KVCache(k, v, e_last)
+    x, (k, v), e_last = gpt.trunk(config, params, idx, positions)
+    widths = ((0, 0), (0, 0), (0, cache_len - T), (0, 0), (0, 0))
+    return gpt.logits_from_hidden(config, params, x[:, -1]), KVCache(jnp.pad(k, widths), jnp.pad(v, widths), e_last)
 
 
 def decode_step(config: GPTConfig, params: Params, tokens, slot, pad, cache: KVCache):
@@ -125,8 +131,8 @@ def decode_step(config: GPTConfig, params: Params, tokens, slot, pad, cache: KVC
     idx = tokens[:, None].astype(jnp.int32)
     positions = (slot - pad)[:, None].astype(jnp.int32)
     view = SlotView(cache.k, cache.v, slot, pad)
-    x, _, e = gpt.trunk(config, params, idx, positions, cache=view, prev_emb=cache.prev_emb)
-    return gpt.logits_from_hidden(config, params, x[:, 0]), KVCache(view.k, view.v, e.astype(cache.prev_emb.dtype))
+    x, (k, v), e = gpt.trunk(config, params, idx, positions, cache=view, prev_emb=cache.prev_emb)
+    return gpt.logits_from_hidden(config, params, x[:, 0]), KVCache(k, v, e.astype(cache.prev_emb.dtype))
 
 
 class SharedCache(NamedTuple):
@@ -134,20 +140,25 @@ class SharedCache(NamedTuple):
 
     kp: jax.Array  # (L, P, Tp, K, Dh) prompt keys, shared by the prompt's samples
     vp: jax.Array  # (L, P, Tp, K, Dh)
-    kg: tuple  # per layer, per block of GEN_BLOCK columns: (R, K, Dh, B) keys of generated tokens
-    vg: tuple  # the same blocks of their values, (R, K, B, Dh)
+    kg: tuple  # per block of GEN_BLOCK columns: (L, R, K, Dh, B) keys of generated tokens
+    vg: tuple  # the same blocks of their values, (L, R, K, B, Dh)
+    # (every array here is `stack.Layers` of its L per-layer arrays where the layers run unrolled)
     prev_emb: jax.Array  # (R, D) pre-smear embedding of the last token (gen-2026-07)
 
 
 def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_tokens: int) -> SharedCache:
-    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows."""
+    """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows
+    (stacked arrays, or `stack.Layers` when the layers run unrolled)."""
     L, P, Tp, K, hd = cache.k.shape
     R = P * num_samples
     widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
-    kg = tuple(tuple(jnp.zeros((R, K, hd, w), cache.k.dtype) for w in widths) for _ in range(L))
-    vg = tuple(tuple(jnp.zeros((R, K, w, hd), cache.k.dtype) for w in widths) for _ in range(L))
+    kg = tuple(jnp.zeros((L, R, K, hd, w), cache.k.dtype) for w in widths)
+    vg = tuple(jnp.zeros((L, R, K, w, hd), cache.k.dtype) for w in widths)
     prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
-    return SharedCache(cache.k, cache.v, kg, vg, prev)
+    kp, vp = cache.k, cache.v
+    if not stack.scan_layers(config.n_layer):
+        kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
+    return SharedCache(kp, vp, kg, vg, prev)
 
 
 def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
@@ -157,11 +168,12 @@ def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: Sh
     static, the end of the GEN_BLOCK block that holds `col` (or max_new_tokens), so early columns
     read less. Returns (logits (R,V) f32, cache).
     """
-    P, Tp = cache.kp.shape[1], cache.kp.shape[2]
+    P, Tp = pad.shape[0], cache.kp[0].shape[1]
     R = tokens.shape[0]
     row_pad = jnp.repeat(pad, R // P, axis=0, total_repeat_length=R)
     positions = ((Tp - row_pad) + col)[:, None].astype(jnp.int32)
     view = SharedView(cache, col, pad, gen_len)
-    x, _, e = gpt.trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
-                    prev_emb=cache.prev_emb)
-    return gpt.logits_from_hidden(config, params, x[:, 0]), view.c._replace(prev_emb=e.astype(cache.prev_emb.dtype))
+    x, (kg, vg), e = gpt.trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
+                               prev_emb=cache.prev_emb)
+    return gpt.logits_from_hidden(config, params, x[:, 0]), cache._replace(kg=kg, vg=vg,
+                                                                            prev_emb=e.astype(cache.prev_emb.dtype))

@@ -5,9 +5,9 @@ the full-sequence forward used for training (packed rows too). jaxrl/params.py h
 parameter table (names, shapes and saved dtypes of nanochat's state dict) and init, re-exported
 here; jaxrl/decode.py runs the same trunk with a KV cache for the sampler.
 
-Params are a nested dict made by splitting nanochat's state-dict keys on "." (so
-`transformer.h.0.attn.c_q.weight` lives at `params["transformer"]["h"]["0"]["attn"]["c_q"]["weight"]`),
-with PyTorch's `(out_features, in_features)` layout kept: the converter is a rename table with
+Params are a nested dict made by splitting nanochat's state-dict keys on ".", the blocks stacked
+over a leading layer axis (`transformer.h.<i>.attn.c_q.weight` is `params["transformer"]["h"]["attn"]
+["c_q"]["weight"][i]`; see jaxrl/params.py), PyTorch's `(out_features, in_features)` layout kept:
 no transposes, and Muon sees the same (rows, cols) as nanochat.
 
 Axis letters: B batch, T query len, S key len (cache length), D model (n_embd), H heads,
@@ -15,8 +15,8 @@ K kv heads, Dh head dim, V vocab, L layers.
 Attention of full sequences (training, prefill): `GPTConfig.attention` (RLConfig's `attention`, or the
 JAXRL_ATTENTION override: `attention_impl`) = einsum | xla | cudnn (see `full_attention`).
 
-Test: `pytest tests/test_model.py` (properties: causality, cache = full forward, bf16) and
-`pytest tests/test_convert.py` (golden logits of every generation from ../shared/fixtures; needs torch).
+Test: `pytest tests/test_model.py` (causality, cache = full forward, bf16), tests/test_stack.py (scan
+= unrolled) and tests/test_convert.py (golden logits of every generation; needs torch).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl import params as _params
+from jaxrl import params as _params, stack
 from jaxrl.config import ATTENTIONS, GENERATIONS
 
 # The parameter table, init and (un)flattening live in jaxrl/params.py; callers reach them here too.
@@ -275,33 +275,30 @@ def full_attention(config: GPTConfig):
     return attend if config.attention == "einsum" else functools.partial(attend_fused, implementation=config.attention)
 
 
-def _block_attn(config, lp, i, u, idx, positions, window, cache, layer_kv):
-    """Attention of layer i. Returns (out (B,T,D), (k, v) of this chunk, or the updated full cache)."""
+def _block_attn(config, lx, vx, u, idx, positions, cache, cstate, rope, packing):
+    """Attention of one layer (`lx`: its weights and scalars; `vx`: its value embedding or None).
+    Returns (out (B,T,D), (k, v) of this chunk, the cache state after this layer's write)."""
     B, T, _ = u.shape
     H, K, hd = config.n_head, config.n_kv_head, config.head_dim
-    a = lp["attn"]
+    a = lx["attn"]
     q = linear(u, a["c_q"]["weight"]).reshape(B, T, H, hd)
     k = linear(u, a["c_k"]["weight"]).reshape(B, T, K, hd)
     v = linear(u, a["c_v"]["weight"]).reshape(B, T, K, hd)
-    if config.has_ve(i):
+    if vx is not None:
         scale, ch = config.ve_gate
-        ve = layer_kv["ve"][idx].astype(u.dtype).reshape(B, T, K, hd)
-        gate = scale * jax.nn.sigmoid(linear(u[..., :ch], a["ve_gate"]["weight"]))
+        ve = vx["table"][idx].astype(u.dtype).reshape(B, T, K, hd)
+        gate = scale * jax.nn.sigmoid(linear(u[..., :ch], vx["gate"]))
         v = v + gate[..., None] * ve
-    cos, sin = layer_kv["rope"]
+    cos, sin = rope
     q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
     if config.qk_scale != 1.0:
         q, k = q * jnp.asarray(config.qk_scale, q.dtype), k * jnp.asarray(config.qk_scale, k.dtype)
+    window = lx.get("window")
     if cache is None:
-        y, kv = full_attention(config)(q, k, v, positions, positions, window, layer_kv.get("packing")), (k, v)
+        y = full_attention(config)(q, k, v, positions, positions, window, packing)
     else:
-        y, kv = cache.attend(i, q, k, v, positions, window)
-    return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), kv
-
-
-def _mlp(lp, u):
-    h = jax.nn.relu(linear(u, lp["mlp"]["c_fc"]["weight"]))
-    return linear(h * h, lp["mlp"]["c_proj"]["weight"])
+        y, cstate = cache.attend(cstate, lx["index"], q, k, v, positions, window)
+    return linear(y.reshape(B, T, H * hd), a["c_proj"]["weight"]), (k, v), cstate
 
 
 def _embed(config, params, idx, prev_emb, positions, prev_index=None):
@@ -325,44 +322,46 @@ def _embed(config, params, idx, prev_emb, positions, prev_index=None):
 
 
 def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_emb=None,
-          packing: Packing | None = None):
-    """Embedding, blocks, backout and final norm.
+          packing: Packing | None = None, *, scan: bool | None = None, remat: bool = False):
+    """Embedding, blocks (jaxrl/stack.py: scanned or unrolled), backout and final norm.
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
     positions are 0..T-1, or shifted left by a row's padding (negative = padding, never attended).
-    With a cache view (T=1 decode, `decode.SlotView`/`decode.SharedView`), attention goes through the view,
-    which also records this token's k/v.
+    With a cache view (T=1 decode, `decode.SlotView`/`SharedView`), `view.attend(state, layer, q, k,
+    v, positions, window) -> (y, state)` writes this token's k/v into the stacked `view.state`.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
     `packing` (no cache): several sequences packed in each row, each with its own positions from
     0; attention and smear stay within a sequence (see Packing).
-    Returns x (B,T,D) after the final norm, per-layer (k, v) (None with a cache view), and the
-    last pre-smear embedding (B,D).
+    `scan`: lax.scan the layers (default stack.scan_layers); `remat`: recompute blocks in backward.
+    Returns x (B,T,D) after the final norm; without a cache the per-layer (k, v), each
+    (L,B,T,K,Dh), with a view its final state; and the last pre-smear embedding (B,D).
     """
     B, T = idx.shape
     if prev_emb is None:  # smear for position 0 has nothing to read
         prev_emb = jnp.zeros((B, config.n_embd), config.dtype)
     x, e = _embed(config, params, idx, prev_emb, positions, None if packing is None else packing.prev_index)
-    x0 = x
-    rope = rotary(config, positions)
-    windows = config.window_sizes()
-    backout_at = config.n_layer // 2
-    xb, kvs = None, []
-    for i in range(config.n_layer):
-        lp = params["transformer"]["h"][str(i)]
-        if config.has_lambdas:
-            x = params["resid_lambdas"][i].astype(x.dtype) * x + params["x0_lambdas"][i].astype(x.dtype) * x0
-        extra = {"rope": rope, "packing": packing}
-        if config.has_ve(i):
-            extra["ve"] = params["value_embeds"][str(i)]["weight"]
-        out, kv = _block_attn(config, lp, i, rms_norm(x), idx, positions, windows[i], cache, extra)
+    x0, rope, backout_at = x, rotary(config, positions), config.n_layer // 2
+
+    def layer(carry, lx, vx):
+        x, xb, cstate = carry
+        if "lambdas" in lx:
+            x = lx["lambdas"][0].astype(x.dtype) * x + lx["lambdas"][1].astype(x.dtype) * x0
+        out, kv, cstate = _block_attn(config, lx, vx, rms_norm(x), idx, positions, cache, cstate, rope, packing)
         x = x + out
-        x = x + _mlp(lp, rms_norm(x))
-        kvs.append(kv)
-        if config.has_smear and i == backout_at:
-            xb = x
+        h = jax.nn.relu(linear(rms_norm(x), lx["mlp"]["c_fc"]["weight"]))
+        x = x + linear(h * h, lx["mlp"]["c_proj"]["weight"])
+        if config.has_smear:  # backout reads the residual after block n_layer // 2
+            xb = jnp.where(lx["index"] == backout_at, x, xb)
+        return (x, xb, cstate), (kv if cache is None else None)
+
+    per_layer, per_ve = stack.layer_inputs(config, params)
+    carry = (x, jnp.zeros_like(x) if config.has_smear else None, None if cache is None else cache.state)
+    scan = stack.scan_layers(config.n_layer) if scan is None else scan
+    (x, xb, cstate), kvs = stack.run_layers(jax.checkpoint(layer) if remat else layer, carry, per_layer,
+                                            per_ve, config.n_layer, scan=scan)
     if config.has_smear:
         x = x - params["backout_lambda"].astype(x.dtype)[0] * xb
-    return rms_norm(x), kvs, e[:, -1]
+    return rms_norm(x), (kvs if cache is None else cstate), e[:, -1]
 
 
 def logits_from_hidden(config: GPTConfig, params: Params, x):
@@ -373,7 +372,8 @@ def logits_from_hidden(config: GPTConfig, params: Params, x):
     return SOFTCAP * jnp.tanh(logits.astype(jnp.float32) / SOFTCAP)
 
 
-def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Packing | None = None) -> jax.Array:
+def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Packing | None = None, *,
+            scan: bool | None = None, remat: bool = False) -> jax.Array:
     """Full-sequence logits, float32 (B, T, V) after softcap and vocab crop.
 
     Default: one sequence per row at positions 0..T-1. Packed rows pass `positions` (from 0 in
@@ -384,7 +384,7 @@ def forward(config: GPTConfig, params: Params, idx, positions=None, packing: Pac
     B, T = idx.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    x, _, _ = trunk(config, params, idx, positions, packing=packing)
+    x, _, _ = trunk(config, params, idx, positions, packing=packing, scan=scan, remat=remat)
     return logits_from_hidden(config, params, x)
 
 

@@ -221,14 +221,19 @@ def muon(lrs, *, generation: str, dtype: str = "bfloat16",
                 treedef.flatten_up_to(state.variance) if has_vr else [None] * n]
         idx = jnp.minimum(state.count, len(lrs) - 1)
         out: list = [None] * n
-        # Stack the matrices of one shape and update them together, as nanochat does (same math)
-        for shape in sorted({tuple(g.shape) for g in g_leaves}):
-            members = [i for i in range(n) if tuple(g_leaves[i].shape) == shape]
-            stacked = [None if c[0] is None else jnp.stack([c[i] for i in members]) for c in cols]
+        # Stack the matrices of one shape and update them together, as nanochat does (same math).
+        # A leaf stacked over layers joins the stack matrix by matrix: one (K, rows, cols) batch,
+        # as XLA's CPU matmuls with two batch axes run far slower than with one.
+        for shape in sorted({tuple(g.shape[-2:]) for g in g_leaves}):
+            members = [i for i in range(n) if tuple(g_leaves[i].shape[-2:]) == shape]
+            ends = np.cumsum([math.prod(g_leaves[i].shape[:-2]) for i in members])
+            stacked = [None if c[0] is None else
+                       jnp.concatenate([c[i].reshape(-1, *c[i].shape[-2:]) for i in members]) for c in cols]
             res = _stack_update(*stacked, idx, lrs=lrs, generation=generation, dtype=cdtype,
                                 weight_decay=weight_decay)
             for j, i in enumerate(members):
-                out[i] = tuple(None if r is None else r[j] for r in res)
+                lead, lo = g_leaves[i].shape[:-2], ends[j - 1] if j else 0
+                out[i] = tuple(None if r is None else r[lo:ends[j]].reshape(*lead, *r.shape[-2:]) for r in res)
         updates, momentum, variance = (treedef.unflatten([o[k] for o in out]) for k in range(3))
         return updates, MuonState(state.count + 1, momentum, variance if has_vr else None)
 

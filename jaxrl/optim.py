@@ -73,7 +73,7 @@ def _rules(config: GPTConfig) -> list[tuple[str, Any]]:
     ]
     if config.generation != "gen-2025-10":
         rules += [
-            ("value_embeds", lambda p: re.fullmatch(r"value_embeds\.\d+\.weight", p) is not None),
+            ("value_embeds", lambda p: re.fullmatch(r"value_embeds(\.\d+)?\.weight", p) is not None),
             ("resid", lambda p: p == "resid_lambdas"),
             ("x0", lambda p: p == "x0_lambdas"),
         ]

@@ -2,7 +2,12 @@
 model config, nested-dict <-> flat-key conversion (flax.traverse_util), and a nanochat-like random init.
 
 Params are a nested dict made by splitting nanochat's state-dict keys on "." with PyTorch's
-(out_features, in_features) layout kept (see jaxrl/model.py). Re-exported by jaxrl.model.
+(out_features, in_features) layout kept (see jaxrl/model.py), except that the transformer blocks
+are stacked: `transformer.h.<i>.<rest>` of every layer i is one array `transformer.h.<rest>` with a
+leading layer axis (ve_gate over the value-embedding layers only), and `value_embeds.<i>.weight`
+is `value_embeds.weight` (n_ve, Vp, K·Dh), so the model scans its layers. `flatten_params` /
+`unflatten_params` convert between this tree and nanochat's flat names, the external contract.
+Re-exported by jaxrl.model.
 
 Test: `pytest tests/test_model.py tests/test_convert.py`.
 """
@@ -13,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 if TYPE_CHECKING:
@@ -52,14 +58,95 @@ def param_table(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
-def unflatten_params(flat: dict[str, Any]) -> Params:
-    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
-    return traverse_util.unflatten_dict(flat, sep=".")
+LAYERS = "transformer.h."  # nanochat's per-layer keys: transformer.h.<i>.<rest>
+VALUE_EMBEDS = "value_embeds."  # value_embeds.<i>.weight on the value-embedding layers
 
 
-def flatten_params(tree: Params) -> dict[str, Any]:
-    """Inverse of `unflatten_params`: nested dict -> {"a.b.c": x}, in the tree's insertion order."""
-    return traverse_util.flatten_dict(tree, sep=".")
+def ve_layers(n_layer: int) -> list[int]:
+    """The layers that carry a value embedding in gen-2026-* (i % 2 == (n_layer - 1) % 2)."""
+    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+
+
+def _stack(values: list) -> Any:
+    """Stack same-shape leaves along a new leading axis, keeping their kind (numpy, jax, abstract)."""
+    first = values[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(values), *first.shape), first.dtype)
+    if isinstance(first, jax.Array):
+        return jnp.stack(values)
+    if hasattr(first, "shape"):
+        return np.stack([np.asarray(v) for v in values])
+    if all(v == first for v in values):  # labels and other per-layer tags: one value for the stack
+        return first
+    raise ValueError(f"cannot stack the per-layer values {values!r}: they differ and are not arrays")
+
+
+def _unstack(value: Any, n: int) -> list:
+    """Inverse of `_stack`: n leaves (a non-array value is repeated n times)."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return [jax.ShapeDtypeStruct(value.shape[1:], value.dtype)] * n
+    if hasattr(value, "shape"):
+        if value.shape[:1] != (n,):
+            raise ValueError(f"stacked parameter of shape {tuple(value.shape)}: expected a leading axis of {n}")
+        return [value[i] for i in range(n)]
+    return [value] * n
+
+
+def unflatten_params(flat: dict[str, Any], *, consume: bool = False) -> Params:
+    """nanochat's flat state-dict names -> the stacked params tree.
+
+    "a.b.c": x becomes tree["a"]["b"]["c"]; the per-layer keys transformer.h.<i>.<rest> are
+    stacked over i into transformer.h.<rest> of shape (n_layer, ...) (ve_gate over the layers
+    that have it), and value_embeds.<i>.weight into value_embeds.weight (n_ve, Vp, K·Dh).
+    Non-array leaves (labels) that agree across layers stay one value. `consume`: delete each
+    per-layer entry from `flat` once stacked, so a large host checkpoint is never held twice.
+    """
+    plain, groups = {}, {}
+    for key, value in flat.items():
+        for prefix in (LAYERS, VALUE_EMBEDS):
+            if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0].isdigit():
+                i, rest = key[len(prefix):].split(".", 1)
+                groups.setdefault(prefix + rest, []).append((int(i), key))
+                break
+        else:
+            plain[key] = value
+    for name, members in groups.items():
+        plain[name] = _stack([flat[key] for _, key in sorted(members)])
+        if consume:
+            for _, key in members:
+                del flat[key]
+    return traverse_util.unflatten_dict(plain, sep=".")
+
+
+def flatten_params(tree: Params, n_layer: int | None = None) -> dict[str, Any]:
+    """Inverse of `unflatten_params`: the stacked tree -> nanochat's flat state-dict names.
+
+    A tree in the per-layer layout of older jaxrl checkpoints (transformer.h.<i>... nested under
+    digit keys) flattens to the same names. The layer count comes from the stacked arrays, or
+    from `n_layer` when the leaves are not arrays (a tree of optimizer-group labels).
+    """
+    flat = traverse_util.flatten_dict(tree, sep=".")
+    def stacked_under(prefix):
+        return {k: v for k, v in flat.items() if k.startswith(prefix) and not k[len(prefix):].split(".")[0].isdigit()}
+
+    stacked, ves = stacked_under(LAYERS), stacked_under(VALUE_EMBEDS)
+    if not stacked and not ves:
+        return flat
+    if n_layer is None:
+        shapes = [np.shape(v) for k, v in stacked.items() if "ve_gate" not in k and hasattr(v, "shape")]
+        if not shapes:
+            raise ValueError("flatten_params: the stacked layers hold no arrays to count them; pass n_layer")
+        n_layer = shapes[0][0]
+    out = {k: v for k, v in flat.items() if k not in stacked and k not in ves}
+    ve_idx = ve_layers(n_layer)
+    for key, value in stacked.items():
+        rest = key[len(LAYERS):]
+        idx = ve_idx if rest.startswith("attn.ve_gate.") else range(n_layer)
+        out.update({f"{LAYERS}{i}.{rest}": v for i, v in zip(idx, _unstack(value, len(idx)))})
+    for key, value in ves.items():
+        rest = key[len(VALUE_EMBEDS):]
+        out.update({f"{VALUE_EMBEDS}{i}.{rest}": v for i, v in zip(ve_idx, _unstack(value, len(ve_idx)))})
+    return out
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:

@@ -61,6 +61,7 @@ class LossSpec:
     examples_per_step: int  # questions per optimizer step, all devices together
     token_norm: str = "pass"  # "pass" (nanochat) | "global"
     chunk_rows: int = 0  # packed bins per forward/backward on a device (0: device_batch_size); memory knob only
+    remat: bool = False  # recompute each block in the backward pass (model.trunk); memory knob only
 
     def __post_init__(self):
         if self.chunk_rows == 0:
@@ -186,9 +187,9 @@ def row_weights(row_tokens, advantages, spec: LossSpec, n_global_tokens):
     return advantages / jnp.repeat(per_pass, dbs, total_repeat_length=row_tokens.shape[0])
 
 
-def _chunk_terms(config, params, inputs, targets, positions, packing, weights, sampler_logp):
+def _chunk_terms(config, remat, params, inputs, targets, positions, packing, weights, sampler_logp):
     """This chunk of bins' share of pg_loss, its trained-token count, and the logp mismatch sum."""
-    logits = gpt.forward(config, params, inputs, positions, packing)
+    logits = gpt.forward(config, params, inputs, positions, packing, remat=remat)
     nll = gpt.nll_from_logits(logits, targets)
     valid = targets >= 0
     loss = jnp.sum(nll * weights)  # = −Σ logp·w; nll is 0 where target is -1
@@ -208,7 +209,7 @@ def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens)
     data = (batch.inputs, batch.targets, batch.positions, batch.packing(), w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
     n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk
-    grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, p, *x), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, spec.remat, p, *x), has_aux=True)
 
     def step(acc, x):
         g_acc, i, l, c, mm = acc

@@ -33,6 +33,7 @@ from flax import struct
 
 from jaxrl import decode
 from jaxrl import sharding
+from jaxrl import stack
 from jaxrl.tokenizer import SpecialIds  # the one record of the special ids (plain ints)
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
@@ -178,6 +179,7 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     R = P * N
     # every use casts weights to the compute dtype anyway: do it once, not in every decode step
     params = jax.tree.map(lambda p: p.astype(config.dtype), params)
+    params = stack.for_loop(config, params)  # unrolled layers: split once, not in every decode step
     logits, cache = decode.prefill(config, params, prompt_ids, pad, T)
     cache = decode.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
     rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
@@ -207,12 +209,13 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
         idx = jnp.argsort(state.done, stable=True)[:C]  # running rows first, in row order
         prompt = idx // N
         c = state.cache
+        rows = lambda x, r: stack.map_layers(lambda a: a[r], x)  # rows r of every layer
         small = state.replace(
             out=jax.tree.map(lambda a: a[idx], state.out), done=state.done[idx], pad=state.pad[prompt],
             logits=state.logits[idx], in_py=state.in_py[idx], expr_start=state.expr_start[idx],
             queue=state.queue[idx], qlen=state.qlen[idx], qhead=state.qhead[idx],
-            cache=decode.SharedCache(c.kp[:, prompt], c.vp[:, prompt], jax.tree.map(lambda a: a[idx], c.kg),
-                                     jax.tree.map(lambda a: a[idx], c.vg), c.prev_emb[idx]))
+            cache=decode.SharedCache(rows(c.kp, prompt), rows(c.vp, prompt), tuple(rows(b, idx) for b in c.kg),
+                                     tuple(rows(b, idx) for b in c.vg), c.prev_emb[idx]))
         small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
                         lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
         return state.replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))

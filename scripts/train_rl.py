@@ -177,7 +177,7 @@ if jax.process_index() == 0:
 writer = MetricsWriter(run_dir, cfg.run, cfg.to_dict())
 loss_spec = rl.LossSpec(device_batch_size=cfg.device_batch_size, num_passes=cfg.num_samples // cfg.device_batch_size,
                         examples_per_step=cfg.examples_per_step, token_norm=cfg.token_norm,
-                        chunk_rows=cfg.train_chunk_rows)
+                        chunk_rows=cfg.train_chunk_rows, remat=cfg.train_remat)
 train_step = rl.compiled_train_step(model_config, loss_spec, optimizer, mesh)
 train_args = rollout.SamplingArgs(cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
 eval_n = cfg.eval_num_samples or cfg.device_batch_size

@@ -34,7 +34,7 @@ def _tiny_import(path, poison=None):
     config = tiny_config()
     params = jax.tree.map(np.array, tiny_params(config))
     if poison:
-        params["transformer"]["h"]["0"]["mlp"]["c_fc"]["weight"][3, 5] = poison
+        params["transformer"]["h"]["mlp"]["c_fc"]["weight"][0, 3, 5] = poison  # layer 0
     return save_jaxrl_import(path, config, params, {"generation": config.generation, "source": {"step": 0}})
 
 

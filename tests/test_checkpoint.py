@@ -223,6 +223,18 @@ def test_structure_mismatch_names_the_first_differing_leaf(tmp_path):
         assert "unexpected key 'data_rng' with shape (4,), uint32" in str(e.value)
 
 
+def test_per_layer_checkpoint_fails_with_the_layout_named(tmp_path):
+    """A run checkpoint of the per-layer params layout (transformer/h/<i>/...) cannot resume a run of
+    stacked layers: the error says so and how to go on, instead of listing leaves."""
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, make_state(), {})
+        stacked = jax.eval_shape(make_state)
+        c_q = jax.ShapeDtypeStruct((1, 8, 8), jnp.float32)
+        stacked["params"]["transformer"]["h"] = {"attn": {"c_q": {"weight": c_q}}}
+        with pytest.raises(CheckpointError, match=r"per-layer params layout .*Start a new run from its params"):
+            mgr.restore(1, stacked)
+
+
 def test_save_and_restore_refuse_misuse(tmp_path):
     state = make_state()
     with CheckpointManager(tmp_path) as mgr:

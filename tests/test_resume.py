@@ -23,6 +23,8 @@ import pytest
 from conftest import REPO, TINY_STEPS, differing_leaves, load_state, run_trainer, trainer_cmd, trainer_env
 
 from jaxrl.metrics import read_metrics
+from jaxrl.model import flatten_params
+from jaxrl.run_state import load_run_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 
@@ -95,8 +97,10 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, reference_run, compil
     assert sorted(p.name for p in exports.iterdir()) == sorted(
         f"{kind}_{s:06d}.{ext}" for s in range(1, TINY_STEPS) for kind, ext in (("meta", "json"), ("model", "pt")))
     exported = torch.load(exports / f"model_{TINY_STEPS - 1:06d}.pt", weights_only=True)
+    final = flatten_params(load_run_dir(run_dir)[1])  # nanochat's names of the stacked params
+    assert sorted(exported) == sorted(final)
     for key, tensor in exported.items():
-        np.testing.assert_array_equal(tensor.numpy(), state["['params']" + "".join(f"['{k}']" for k in key.split("."))])
+        np.testing.assert_array_equal(tensor.numpy(), final[key], err_msg=key)
     # the log holds every step once, with the uninterrupted run's numbers
     rows = [r for r in read_metrics(run_dir) if r["event"] == "step"]
     assert [r["step"] for r in rows] == list(range(TINY_STEPS))

@@ -22,9 +22,12 @@ def _params(seed=0):
     p = gpt.init_params(CFG, jax.random.key(seed))
     # init has zero projections; perturb so every parameter gets a gradient. Not conftest's
     # tiny_params: the 1-vs-8-device tolerances below were measured on these smaller weights.
-    leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    # One key per nanochat tensor in the sorted order of its name's parts, so the values do not
+    # depend on the layout (they are those of the per-layer tree before the stacked layout).
+    flat = gpt.flatten_params(p)
+    names = sorted(flat, key=lambda name: name.split("."))
+    keys = jax.random.split(jax.random.key(seed + 1), len(names))
+    return gpt.unflatten_params({n: flat[n] + 0.05 * jax.random.normal(k, flat[n].shape) for n, k in zip(names, keys)})
 
 
 def test_advantages_hand_computed():

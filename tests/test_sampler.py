@@ -21,7 +21,7 @@ from jax.experimental import io_callback
 
 from jaxrl import decode
 from jaxrl import model as gpt
-from jaxrl import sampler, sharding
+from jaxrl import sampler, sharding, stack
 from jaxrl.calculator import use_calculator
 from jaxrl.tasks.gsm8k import GSM8K
 from jaxrl.tokenizer import SpecialIds, Tokenizer
@@ -160,8 +160,8 @@ def test_scripted_tool_use_golden(generation, monkeypatch, fresh_traces):
 
 
 def patch_fake_model(monkeypatch, table):
-    """The model as the sampler calls it (decode.prefill, decode.shared_cache, decode.decode_shared) becomes
-    one whose only choice for row r at column n is table[r, n].
+    """The model as the sampler calls it (stack.for_loop, decode.prefill, decode.shared_cache,
+    decode.decode_shared) becomes one whose only choice for row r at column n is table[r, n].
 
     Rows are the prompts (num_samples=1); the "cache" is the row id. Returns the list of token
     columns fed back to the model, one per executed loop step.
@@ -180,6 +180,7 @@ def patch_fake_model(monkeypatch, table):
         jax.debug.callback(lambda t: fed.append(np.asarray(t)), tokens, ordered=True)
         return logits_at(config, rows, col + 1), rows
 
+    monkeypatch.setattr(stack, "for_loop", lambda config, params: params)
     monkeypatch.setattr(decode, "prefill", prefill)
     monkeypatch.setattr(decode, "shared_cache", lambda config, rows, num_samples, max_new_tokens: rows)
     monkeypatch.setattr(decode, "decode_shared", decode_shared)

@@ -2,7 +2,7 @@
 
 An import directory is what `python -m convert.import_nanochat` writes and the trainer reads:
 
-    DIR/params/              orbax tree of the nested float32 params (torch (out, in) layout)
+    DIR/params/              orbax tree of the nested float32 params (torch (out, in) layout, layers stacked)
     DIR/model.json           {"model_config": GPTConfig.to_dict(), "generation": ...,
                               "generation_reason": ..., "source": {path, step, model_tag, meta,
                               dtypes, ...}, ...}
@@ -55,8 +55,8 @@ def save_jaxrl_import(
         raise RunStateError(f"output {dst} already exists; choose another path or pass --force to replace it")
     if "model_config" in info:
         raise RunStateError("info must not contain 'model_config'; it is written from `config`")
-    flat = {key: np.asarray(value, np.float32) for key, value in flatten_params(params).items()}
-    check_param_shapes(config, {k: v.shape for k, v in flat.items()}, where="params to save")
+    tree = jax.tree.map(lambda value: np.asarray(value, np.float32), params)  # no copy of host fp32
+    check_param_shapes(config, {k: np.shape(v) for k, v in flatten_params(tree).items()}, where="params to save")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     umask = os.umask(0o022)
@@ -64,8 +64,8 @@ def save_jaxrl_import(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an import is an ordinary folder (0755 under umask 022)
     out = RunPaths(tmp)
     try:
-        write_tree(out.params, unflatten_params(flat))
-        del flat
+        write_tree(out.params, tree)
+        del tree
         _write_json(out.model_json, {"model_config": config.to_dict(), **info})
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, out.tokenizer)
@@ -121,16 +121,20 @@ def _read_record(d: RunPaths) -> tuple[GPTConfig, dict[str, Any]]:
 
 
 def _checked_params(config: GPTConfig, tree: Params, where: str, what: str | None = None) -> Params:
-    """`tree` as float32 numpy params after the key/shape check and the finiteness check."""
-    flat = flatten_params(tree)
+    """`tree` as float32 numpy params in the stacked layout after the key/shape check and the
+    finiteness check. The per-layer tree (transformer.h.<i>) that older jaxrl versions saved is
+    stacked here, so their import dirs and run checkpoints still load."""
+    tree = jax.tree.map(lambda v: np.asarray(v, np.float32), tree)
+    flat = flatten_params(tree)  # nanochat's names; views of the stacked arrays
     check_param_shapes(config, {k: np.shape(v) for k, v in flat.items()}, where=where)
-    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     if what is None:
         check_finite(flat, where=where)
     elif bad := [k for k, v in flat.items() if not np.isfinite(v).all()]:
         raise RunStateError(f"{what} holds NaN or inf in {len(bad)} tensors (first: {bad[0]}); "
                             "do not use or export it: pick an earlier step")
-    return unflatten_params(flat)
+    if any(str(k).isdigit() for k in tree.get("transformer", {}).get("h", {})):
+        return unflatten_params(flat, consume=True)
+    return tree
 
 
 def _check_intact(d: RunPaths, step: int, steps: list[int]) -> None:

@@ -50,7 +50,7 @@ RESUME_BREAKING = (
     "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "temperature",
     "top_k", "unembedding_lr", "embedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
     "num_epochs", "num_steps", "seed", "task", "data_dir", "advantage", "token_norm",
-    "train_on_end_token", "train_chunk_rows", "train_skip_zero_advantage", "arith_difficulty",
+    "train_on_end_token", "train_chunk_rows", "train_remat", "train_skip_zero_advantage", "arith_difficulty",
 )
 # Keys that only touch naming, logging, evaluation, saving or process layout.
 RESUME_SAFE = (
@@ -60,7 +60,7 @@ RESUME_SAFE = (
 )
 # What a config saved by an earlier release lacks or holds extra: keys added since (with the value
 # those runs used) and keys removed since (settings that moved out of RLConfig, meaningless to a resume).
-ADDED_KEYS = {"attention": "einsum"}
+ADDED_KEYS = {"attention": "einsum", "train_remat": False}
 # Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
@@ -330,8 +330,16 @@ def _leaves(tree: Any) -> dict[str, Leaf]:
 
 
 def _check_structure(target: Any, saved_tree: Any, where: str) -> None:
-    """Raise RunStateError naming every differing leaf path (expected vs found)."""
+    """Raise RunStateError naming every differing leaf path (expected vs found); a checkpoint in the
+    per-layer params layout (transformer/h/<i>/...) of jaxrl before its layers were stacked is named as such."""
     want, have = _leaves(target), _leaves(saved_tree)
+    per_layer = lambda paths: any(p.startswith("params/transformer/h/0/") for p in paths)  # noqa: E731
+    if per_layer(have) and not per_layer(want):
+        raise RunStateError(
+            f"checkpoint {where} holds the per-layer params layout (transformer/h/<i>/...) of jaxrl before its "
+            "layers were stacked; its optimizer state cannot resume a run of this version. Start a new run "
+            "from its params instead (--checkpoint RUN_DIR reads them, converting the layout), or resume "
+            "with the jaxrl version that wrote it.")
     check_tree(want, have, where, "the saved state does not match abstract_state",
                "Build abstract_state from the config saved in the checkpoint's meta.")
 
