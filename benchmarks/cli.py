@@ -5,6 +5,7 @@
     python scripts/bench.py rl-step  [--questions 16 --num-samples 16 --max-new-tokens 256]
     python scripts/bench.py convert  [--model d20 | --checkpoint PATH]
     python scripts/bench.py floor    [--rows 1,8,64,256 --steps 256]   # decode's weight matmuls alone
+    python scripts/bench.py memory   --model d20|d32 [--mesh-data N --mesh-fsdp M]   # compiled, not run
 
 `--model d<N>` builds nanochat's d<N> shapes of `--generation` with random params (no file needed);
 `--checkpoint` takes a jaxrl import, a jaxrl run dir or a nanochat checkpoint (then the task is
@@ -14,7 +15,7 @@ the CPU gets sizes that finish in minutes on 2 cores (d4, float32); every flag o
 Each run prints a table and, as its last stdout line, one JSON object (device, jax version,
 shapes, dtype, every figure, the ceilings used); `--out FILE` appends that line to a JSONL.
 What each figure means: the docstrings of the `benchmarks` package (sampling.py, training.py,
-rl_step.py, conversion.py, floor.py) and docs/benchmarks.md. `--profile DIR` (sampler, train,
+rl_step.py, conversion.py, floor.py, memory.py) and docs/benchmarks.md. `--profile DIR` (sampler, train,
 rl-step) adds where one call's time goes (benchmarks/profiling.py). Test: `pytest tests/test_bench.py`.
 """
 import argparse
@@ -35,6 +36,7 @@ BENCH_DEFAULTS = {
     "rl-step": {"questions": (16, 2), "num_samples": (16, 4), "max_new_tokens": (256, 32)},
     "convert": {},
     "floor": {"rows": ([1, 8, 64, 256], [1, 8, 64]), "steps": (256, 64)},
+    "memory": {"model": ("d20", "d20"), "dtype": ("bfloat16", "bfloat16"), "prompt_len": (128, 128)},
 }
 
 
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rows", type=lambda v: [int(x) for x in v.split(",")], help="decode rows, a sweep "
                    "(default 1,8,64,256; CPU 1,8,64)")
     f.add_argument("--steps", type=int, help="steps per timed loop (default 256; CPU 64)")
+    m = sub.add_parser("memory", parents=[common], help="per-device bytes of the train step and sampler for a mesh, "
+                       "from XLA's memory analysis of the compiled programs (nothing runs)")
+    m.add_argument("--mesh-data", type=int, default=1, help="data-parallel devices (simulated CPU devices)")
+    m.add_argument("--mesh-fsdp", type=int, default=1, help="devices params are sharded over (1 today)")
+    m.add_argument("--questions", type=int, default=16, help="questions per step (the seed's 16)")
+    m.add_argument("--num-samples", type=int, default=16, help="samples per question (the seed's 16)")
+    m.add_argument("--max-new-tokens", type=int, default=256, help="generated tokens per row (the seed's 256)")
+    m.add_argument("--device-batch-size", type=int, default=8, help="rows per pass (nanochat's 8)")
     return p
 
 
@@ -124,9 +134,15 @@ def record(args, device, figures, config, ceil) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.bench == "memory":  # simulated CPU devices, set before jax starts
+        devices = args.mesh_data * args.mesh_fsdp
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}").strip()
     import jax
 
     from benchmarks import device as bench_device
+    from jaxrl import sharding
 
     device = jax.devices()[0]
     resolve_defaults(args, device.platform != "cpu")
@@ -142,6 +158,16 @@ def main(argv=None) -> int:
 
         figures, headers, table = conversion.run(args)
         config, ceil = None, None
+    elif args.bench == "memory":
+        from benchmarks import memory
+
+        memory.check_mesh(args.mesh_data, args.mesh_fsdp)
+        if args.checkpoint:
+            raise SystemExit("memory compiles nanochat's shapes with abstract params: use --model d<N>, not --checkpoint")
+        config = bench_device.nanochat_config(int(args.model[1:]), args.generation, args.dtype)
+        mesh = sharding.make_mesh(jax.devices()[: args.mesh_data])
+        figures, headers, table = memory.run(config, args, mesh)
+        ceil = None
     else:
         from benchmarks import context, floor, rl_step, sampling, training
 

@@ -292,13 +292,28 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
     still running, the rest of the loop decodes only those (same tokens, fewer rows per step).
     Returns (Rollout as numpy, prompt lengths (P,)).
     """
+    fn, inputs = rollout_call(config, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials,
+                              step=step, example_ids=example_ids, mesh=mesh, compact=compact)
+    rows = len(prompts) * num_samples
+    out = jax.tree.map(lambda a: np.asarray(a)[:rows], fn(params, *inputs))
+    ids, pad = inputs[0], inputs[1]
+    return Rollout(*out), ids.shape[1] - pad[: len(prompts)]
+
+
+def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0, tool=None,
+                 specials: SpecialIds, step=0, example_ids=None, mesh=None, compact: bool = True):
+    """What `sample` runs, without running it: (the jitted rollout function, its inputs after params).
+
+    `fn(params, *inputs)` is the call; `fn.lower(params, *inputs)` (params may be abstract,
+    jax.ShapeDtypeStruct) compiles it without running, for memory and compile-time measurements.
+    """
     check_request(config, prompts, num_samples, max_new_tokens, temperature)
     P = len(prompts)
     example_ids = list(range(P)) if example_ids is None else list(example_ids)
     n_dev = 1 if mesh is None else sharding.data_size(mesh)
-    P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; dropped below
+    P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; `sample` drops their rows
     ids, pad = left_pad(prompts, P_pad)
-    T = ids.shape[1]
     row_ids = np.zeros((P_pad, num_samples, 3), np.int32)
     row_ids[:, :, 0] = step
     row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]
@@ -309,10 +324,8 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
                       config.generation == "gen-2025-10" and temperature > 0,
                       tool.queue_len if tool is not None else 1, specials, specials.assistant_end,
                       local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0)
-    fn = _compiled(config, spec, tool, mesh)
-    out = fn(params, ids, pad, row_ids, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
-    out = jax.tree.map(lambda a: np.asarray(a)[: P * num_samples], out)
-    return Rollout(*out), T - pad[:P]
+    return _compiled(config, spec, tool, mesh), (ids, pad, row_ids, jnp.uint32(seed),
+                                                 jnp.float32(max(temperature, 1e-6)))
 
 
 def assemble(prompts, rollout: Rollout, num_samples):

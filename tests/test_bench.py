@@ -30,6 +30,8 @@ TINY = {
                 "--device-batch-size", "2"],
     "convert": [],
     "floor": ["--rows", "2,3", "--steps", "2"],
+    "memory": ["--mesh-data", "2", "--questions", "2", "--num-samples", "2", "--max-new-tokens", "4", "--prompt-len",
+               "8", "--device-batch-size", "2", "--dtype", "float32"],
 }
 KEYS = {
     "sampler": ("gen_tokens_per_s", "prefill_tokens_per_s", "compile_s", "mbu", "ttft_s", "tool_host_s",
@@ -38,13 +40,14 @@ KEYS = {
     "rl-step": ("step_s", "rollout_s", "reward_s", "train_s", "logging_s"),
     "convert": ("import_s", "peak_rss_mb", "export_s", "load_s"),
     "floor": ("floor_step_s", "floor_step_s_best", "matmul_flops_per_step", "weight_bytes_per_step", "mfu", "mbu"),
+    "memory": ("train_state_bytes_per_device", "train_step_peak_bytes_per_device", "sampler_peak_bytes_per_device"),
 }
 PROFILED = {"sampler": ["sampler_1x2"], "train": ["train_fwdbwd", "train_optimizer"], "rl-step": ["rl_step"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """All four benchmarks at once (each mostly compiles); {name: (returncode, stdout, stderr, out file)}."""
+    """Every benchmark at once (each mostly compiles); {name: (returncode, stdout, stderr, out file)}."""
     tmp = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO))
     procs = {}
@@ -79,6 +82,8 @@ def test_subcommand_ends_with_complete_json(runs, name):
     for key in KEYS[name]:
         assert isinstance(record[key], (int, float)), f"{name}: {key} = {record[key]!r} is not a number"
     assert out.read_text().splitlines() == [last], "--out must append exactly the final JSON line"
+    if name == "memory":  # compiled for --mesh-data 2 simulated devices, whatever XLA_FLAGS said
+        assert record["n_devices"] == 2 and record["mesh"] == {"data": 2, "fsdp": 1}
 
 
 @pytest.mark.cli
@@ -225,3 +230,32 @@ def test_scripts_and_benchmarks_use_the_library_as_installed():
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(m.startswith("bench_") for m in modules), f"{rel}:{node.lineno} imports {modules}"
     assert not found, f"private library calls: {sorted(found)}"
+
+
+def test_memory_figures_are_consistent_with_the_state_they_compile():
+    """bench.py memory on a tiny model over 2 simulated devices: the train state is the fp32 params
+    plus the optimizer state; the train step takes it as arguments and donates all of it (aliased);
+    the sampler takes the params; every peak covers its arguments."""
+    import argparse
+
+    import jax
+    import numpy as np
+
+    from benchmarks import memory
+    from jaxrl import sharding
+    from jaxrl.model import param_table
+
+    config = tiny_config("gen-2025-10")
+    args = argparse.Namespace(questions=2, num_samples=4, device_batch_size=2, prompt_len=8, max_new_tokens=8,
+                              seed=int(np.random.default_rng().integers(1000)), mesh_fsdp=1)
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    figures, _, table = memory.run(config, args, mesh)
+    n_params = sum(int(np.prod(shape)) for _, shape, _ in param_table(config))
+    assert figures["params_bytes_per_device"] == 4 * n_params  # fp32 masters, replicated
+    state, train, sample = (figures["train_state_bytes_per_device"], figures["train_step"], figures["sampler"])
+    assert 2 * figures["params_bytes_per_device"] < state < 4 * figures["params_bytes_per_device"]
+    assert train["aliased"] == state and train["arguments"] > state and train["peak"] >= train["arguments"]
+    assert sample["arguments"] >= figures["params_bytes_per_device"] and sample["peak"] >= sample["arguments"]
+    assert figures["mesh"] == {"data": 2, "fsdp": 1} and len(table) == 3
+    with pytest.raises(SystemExit, match="--mesh-fsdp 2"):
+        memory.check_mesh(1, 2)
