@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -101,6 +102,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def write_metrics(run_dir: str | Path, rows: list[dict]) -> None:
+    """Replace <run_dir>/metrics.jsonl with `rows` atomically (a temp file, then a rename)."""
+    path = RunPaths(run_dir).metrics
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def step_row(model_config, step: int, num_steps: int, res, m, *, reward_s: float, train_s: float,

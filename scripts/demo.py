@@ -29,8 +29,6 @@ newest checkpoint; an unfinished warm start starts again. Exit status: train_rl.
 Test: `python -m pytest tests/test_demo.py -q` (a shortened demo end to end).
 """
 import argparse
-import json
-import os
 import pickle
 import shlex
 import shutil
@@ -106,7 +104,7 @@ import tiktoken  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxrl import optim, rl, rollout, run_state, sampler, sharding  # noqa: E402
-from jaxrl.metrics import MetricsWriter, print0, read_metrics  # noqa: E402
+from jaxrl.metrics import MetricsWriter, print0, read_metrics, write_metrics  # noqa: E402
 from jaxrl.report import plot_run  # noqa: E402
 from jaxrl.model import GPTConfig, init_params, param_table  # noqa: E402
 from jaxrl.tasks import open_task  # noqa: E402
@@ -283,8 +281,6 @@ if status:
 # Report: the warm start's rows in front of the RL rows, report.png with both phases
 
 rows = read_metrics(ws_dir) + [r for r in read_metrics(run_dir) if r.get("phase") != "warmstart"]
-tmp = paths.metrics.with_name(paths.metrics.name + ".tmp")
-tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-os.replace(tmp, paths.metrics)
+write_metrics(run_dir, rows)
 print0(f"report: {plot_run(run_dir)}")
 print0(f"demo done: {run_dir.resolve()} (tensorboard --logdir {run_dir} shows both phases)")

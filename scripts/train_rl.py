@@ -17,8 +17,6 @@ Ctrl-C, 143 for SIGTERM) for a signal before the first step, or a second signal 
 damaged newer ones are moved to <run>/damaged_checkpoints/. <run>/run.lock keeps a second run
 out of the directory (docs/errors.md, "Run state, checkpoints and preemption").
 """
-import json
-import os
 import shutil
 import sys
 import time
@@ -38,7 +36,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxrl import distributed, faults, model, optim, rl, rollout, run_state, sampler, sharding, tasks  # noqa: E402
-from jaxrl.metrics import MetricsWriter, print0, read_metrics, step_line, step_row  # noqa: E402
+from jaxrl.metrics import MetricsWriter, print0, read_metrics, step_line, step_row, write_metrics  # noqa: E402
 from jaxrl.report import plot_run  # noqa: E402
 from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compatible, nonfinite_leaves  # noqa: E402
 
@@ -126,10 +124,8 @@ def forget_from(step: int):
     """Resuming at `step`: drop the RL log rows of steps >= step (they are redone; rows of an earlier phase,
     such as the warm start scripts/demo.py puts in front, stay) and killed exports' temp files."""
     if paths.metrics.is_file():
-        rows = [r for r in read_metrics(run_dir) if r.get("phase") == "warmstart" or r.get("step", 0) < step]
-        tmp = paths.metrics.with_name(paths.metrics.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, paths.metrics)
+        write_metrics(run_dir, [r for r in read_metrics(run_dir) if r.get("phase") == "warmstart"
+                                or r.get("step", 0) < step])
     for stale in paths.export.glob("d*/.*.tmp-*"):
         if stale.is_dir():
             shutil.rmtree(stale)
