@@ -44,10 +44,10 @@ def _first_and_median(fn, repeats: int) -> tuple[float, float]:
 def run_train(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
     config, mesh = ctx.config, ctx.mesh
     rows, T = args.rows, args.seq_len
-    local = rows // sharding.data_size(mesh)
+    local = rows // sharding.row_shards(mesh)
     chunk = args.chunk_rows or args.device_batch_size
-    if rows % sharding.data_size(mesh) or local % chunk or local % args.device_batch_size:
-        raise SystemExit(f"--rows {rows} must split into {sharding.data_size(mesh)} device(s) x whole chunks of "
+    if rows % sharding.row_shards(mesh) or local % chunk or local % args.device_batch_size:
+        raise SystemExit(f"--rows {rows} must split into {sharding.row_shards(mesh)} device(s) x whole chunks of "
                          f"--chunk-rows {chunk} and whole passes of --device-batch-size {args.device_batch_size}")
     batch = rl.global_batch(random_batch(config, rows, T, args.seed), mesh, pad_id=0, chunk=chunk)
     flops = bench_device.train_flops_per_token(config, T) * rows * T

@@ -56,6 +56,7 @@ NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 RATE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
 SEED = (lambda v: 0 <= v < 2**32, "in [0, 2**32) (sampling keys are 32-bit)")
+MESH_SIZE = (lambda v: v >= 1 or v == -1, "a positive integer or -1 (inferred from the other mesh key)")
 DIFFICULTY = (lambda v: 1 <= v <= 3, "1, 2 or 3")
 RUN_NAME = (lambda v: v.strip() not in ("", ".", "..") and "/" not in v,
             "a folder name (the run directory is <out_dir>/<run>)", 'set run = "my-run"')
@@ -174,6 +175,16 @@ class RLConfig:
                         "fused attention: NVIDIA GPUs only). The environment variable JAXRL_ATTENTION, when set, "
                         "overrides it; the value used is the one saved with the run.", choices=ATTENTIONS)
 
+    # ---- jaxrl: devices ----
+    mesh_data: int = _f(-1, "Data-parallel size of the device mesh: devices (or groups of devices) that "
+                        "sample and train on their own rows. mesh_data x mesh_fsdp = the device count of all "
+                        "processes; -1 = inferred from the other (docs/scaling.md).", check=MESH_SIZE)
+    mesh_fsdp: int = _f(1, "Devices the fp32 master params, Muon momenta and AdamW moments are split over "
+                        "(fully sharded data parallel): each device holds 1/mesh_fsdp of them and gathers a "
+                        "layer's weights when it runs; 1 = replicated on every device; -1 = inferred from "
+                        "mesh_data. Rows are split over all devices either way (docs/scaling.md).",
+                        check=MESH_SIZE)
+
     # ---- jaxrl: multi-host ----
     coordinator_address: str | None = _f(None, 'jax.distributed coordinator "host:port"; '
                                          "None = from the environment / auto-detected.", check=HOST_PORT)
@@ -263,6 +274,8 @@ def _cross_field_problems(c: RLConfig, world_size: int) -> list[str]:
     if c.task.strip() and c.task not in BUILTIN_TASKS and c.data_dir is not None:
         p.append(f"task is a directory ({c.task!r}) and data_dir is also set ({c.data_dir!r}): "
                  f"set only one (data_dir is for the named tasks {', '.join(BUILTIN_TASKS)})")
+    if c.mesh_data == -1 and c.mesh_fsdp == -1:
+        p.append("mesh_data and mesh_fsdp cannot both be -1: set one of them (e.g. mesh_fsdp = 1)")
     if c.num_processes is not None and c.process_id is not None and c.process_id >= c.num_processes:
         p.append(f"process_id ({c.process_id}) must be < num_processes ({c.num_processes})")
     return p

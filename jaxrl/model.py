@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl import params as _params, stack
+from jaxrl import params as _params, sharding, stack
 from jaxrl.config import ATTENTIONS, GENERATIONS
 
 # The parameter table, init and (un)flattening live in jaxrl/params.py; callers reach them here too.
@@ -307,7 +307,7 @@ def _embed(config, params, idx, prev_emb, positions, prev_index=None):
     Smear reads the previous token's pre-smear embedding (`prev_emb` for the chunk's first
     token); a token at position 0 (or in left padding) has no previous token and is not smeared.
     """
-    e = rms_norm(params["transformer"]["wte"]["weight"][idx].astype(config.dtype))
+    e = rms_norm(sharding.gather(params["transformer"]["wte"]["weight"])[idx].astype(config.dtype))
     if not config.has_smear:
         return e, e
     lam = params["smear_lambda"].astype(e.dtype)[0]
@@ -333,6 +333,8 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
     `packing` (no cache): several sequences packed in each row, each with its own positions from
     0; attention and smear stay within a sequence (see Packing).
     `scan`: lax.scan the layers (default stack.scan_layers); `remat`: recompute blocks in backward.
+    Inside the fsdp train step, weights come as `sharding.Sharded` shards: each layer gathers its
+    own when it runs (and again in the backward pass, instead of keeping them).
     Returns x (B,T,D) after the final norm; without a cache the per-layer (k, v), each
     (L,B,T,K,Dh), with a view its final state; and the last pre-smear embedding (B,D).
     """
@@ -344,6 +346,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
 
     def layer(carry, lx, vx):
         x, xb, cstate = carry
+        lx, vx = sharding.gather(lx), sharding.gather(vx)  # fsdp: this layer's whole weights (else identity)
         if "lambdas" in lx:
             x = lx["lambdas"][0].astype(x.dtype) * x + lx["lambdas"][1].astype(x.dtype) * x0
         out, kv, cstate = _block_attn(config, lx, vx, rms_norm(x), idx, positions, cache, cstate, rope, packing)
@@ -357,8 +360,12 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
     per_layer, per_ve = stack.layer_inputs(config, params)
     carry = (x, jnp.zeros_like(x) if config.has_smear else None, None if cache is None else cache.state)
     scan = stack.scan_layers(config.n_layer) if scan is None else scan
-    (x, xb, cstate), kvs = stack.run_layers(jax.checkpoint(layer) if remat else layer, carry, per_layer,
-                                            per_ve, config.n_layer, scan=scan)
+    if remat:
+        layer = jax.checkpoint(layer)
+    elif sharding.has_sharded(per_layer):  # keep everything for the backward pass but the gathered weights
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.save_anything_except_these_names(
+            sharding.GATHERED))
+    (x, xb, cstate), kvs = stack.run_layers(layer, carry, per_layer, per_ve, config.n_layer, scan=scan)
     if config.has_smear:
         x = x - params["backout_lambda"].astype(x.dtype)[0] * xb
     return rms_norm(x), (kvs if cache is None else cstate), e[:, -1]
@@ -366,7 +373,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
 
 def logits_from_hidden(config: GPTConfig, params: Params, x):
     """(…, D) -> float32 (…, V): lm_head, crop the padded vocab, softcap 15 (bf16 in gen-2025-10 bf16 mode)."""
-    logits = linear(x, params["lm_head"]["weight"])[..., : config.vocab_size]
+    logits = linear(x, sharding.gather(params["lm_head"]["weight"]))[..., : config.vocab_size]
     if config.generation == "gen-2025-10":  # softcap in the compute dtype: docs/nanochat.md#forward-of-gen-2025-10
         return (SOFTCAP * jnp.tanh(logits / SOFTCAP)).astype(jnp.float32)
     return SOFTCAP * jnp.tanh(logits.astype(jnp.float32) / SOFTCAP)

@@ -11,6 +11,9 @@ a GPU: matmul operands and results are bf16 (fp32 accumulation), the elementwise
 is fp32 and rounded once where torch.compile stores a buffer, and gen-2026-01 also rounds its lr and
 β2 to bf16 (the kernel's `lr_t.to(g.dtype)`). `dtype="float32"` is nanochat with COMPUTE_DTYPE fp32.
 
+Under an fsdp mesh each same-shape stack is split over the devices by matrix (logical axis
+"matrices", jaxrl/sharding.py), so a device orthogonalises its own share without communicating.
+
 Updates are the fp32 increment nanochat adds to the parameter, so `optax.apply_updates` reproduces
 nanochat's own `p.sub_(...)` rounding. Test: `python -m pytest -q tests/test_optim.py`.
 """
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxrl import sharding
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 MOMENTUM = 0.95
@@ -227,8 +232,9 @@ def muon(lrs, *, generation: str, dtype: str = "bfloat16",
         for shape in sorted({tuple(g.shape[-2:]) for g in g_leaves}):
             members = [i for i in range(n) if tuple(g_leaves[i].shape[-2:]) == shape]
             ends = np.cumsum([math.prod(g_leaves[i].shape[:-2]) for i in members])
-            stacked = [None if c[0] is None else
-                       jnp.concatenate([c[i].reshape(-1, *c[i].shape[-2:]) for i in members]) for c in cols]
+            stacked = [None if c[0] is None else sharding.constrain(  # fsdp: each device its share of the stack
+                       jnp.concatenate([c[i].reshape(-1, *c[i].shape[-2:]) for i in members]), ("matrices",))
+                       for c in cols]
             res = _stack_update(*stacked, idx, lrs=lrs, generation=generation, dtype=cdtype,
                                 weight_decay=weight_decay)
             for j, i in enumerate(members):

@@ -58,6 +58,32 @@ def param_table(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str]]:
     return rows
 
 
+# Logical axis names of every dimension of the params tree (stacked layout), by the suffix of the
+# name; jaxrl/sharding.py's RULES map them to mesh axes. Torch (out, in) layout: c_q is (heads, embed).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "transformer.wte.weight": ("vocab", "embed"),
+    "lm_head.weight": ("vocab", "embed"),
+    "value_embeds.weight": ("layers", "vocab", "kv"),
+    "transformer.h.attn.c_q.weight": ("layers", "heads", "embed"),
+    "transformer.h.attn.c_k.weight": ("layers", "kv", "embed"),
+    "transformer.h.attn.c_v.weight": ("layers", "kv", "embed"),
+    "transformer.h.attn.c_proj.weight": ("layers", "embed", "heads"),
+    "transformer.h.attn.ve_gate.weight": ("layers", None, None),
+    "transformer.h.mlp.c_fc.weight": ("layers", "mlp", "embed"),
+    "transformer.h.mlp.c_proj.weight": ("layers", "embed", "mlp"),
+    "resid_lambdas": ("layers",),
+    "x0_lambdas": ("layers",),
+    "smear_lambda": (None,),
+    "backout_lambda": (None,),
+    "smear_gate.weight": (None, None),
+}
+
+
+def param_axes(name: str) -> tuple[str | None, ...] | None:
+    """Logical axes of the stacked param `name` (dotted), or None for a name that is not a param."""
+    return PARAM_AXES.get(name)
+
+
 LAYERS = "transformer.h."  # nanochat's per-layer keys: transformer.h.<i>.<rest>
 VALUE_EMBEDS = "value_embeds."  # value_embeds.<i>.weight on the value-embedding layers
 

@@ -22,14 +22,16 @@ normalisation over the whole step (`token_norm = "global"`), and training on the
 
 The fast path (`train_step`, jitted), equal to `pg_loss` and its gradient up to float32 rounding
 (tests/test_rl.py `test_fast_path_equals_pg_loss`):
-- `global_batch` assembles the step's rows for the mesh: split over the "data" axis, each
+- `global_batch` assembles the step's rows for the mesh: split over every device, each
   device's rows packed end to end into bins (`packing.pack`: no compute on padding, none on rows
   whose advantage is 0, one copy of a question's prompt per bin);
 - each device scans over chunks of `chunk_rows` bins accumulating gradients; per-row weights
   (`row_weights`, computed from the unpacked rows) carry the per-pass normalisation, so neither
   packing nor chunking changes the objective;
-- gradients are summed across devices (in a fixed tree on a power of two of devices), and the
-  optimizer update runs replicated; a non-finite loss or gradient skips it.
+- gradients are summed across devices (over "data" in a fixed tree on a power of two of devices;
+  over "fsdp", params and gradients stay split: each layer gathers its weights, the gather's
+  transpose reduce-scatters their gradient), and the optimizer update runs on the params'
+  training layout (jaxrl/sharding.py); a non-finite loss or gradient skips it.
 
 Test: `pytest tests/test_rl.py tests/test_rl_golden.py`.
 """
@@ -150,7 +152,7 @@ def pg_loss(config, params, batch: Batch, spec: LossSpec) -> jax.Array:
 
 def global_batch(batch: Batch, mesh, *, pad_id: int, chunk: int, min_len: int = 0,
                  skip_zero_advantage: bool = True, group: int = 1) -> Packed:
-    """This process's rows -> the step's packed arrays, sharded over the data axis of the global mesh.
+    """This process's rows -> the step's packed arrays, their rows split over every device of the global mesh.
 
     Every process pads its rows to the same length (the global maximum, at least `min_len`) and
     packs each of its devices' rows (`packing.pack`: a multiple of `chunk` bins per device; `group`
@@ -163,10 +165,10 @@ def global_batch(batch: Batch, mesh, *, pad_id: int, chunk: int, min_len: int = 
         return np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=value)
 
     local = Batch(pad(batch.inputs, pad_id), pad(batch.targets, -1), batch.advantages, pad(batch.sampler_logp, 0))
-    n_local = sharding.data_size(mesh) // jax.process_count()
+    n_local = sharding.row_shards(mesh) // jax.process_count()
     packed = pack(local, pad_id, n_dev=n_local, chunk=chunk, min_len=min_len,
                   skip_zero_advantage=skip_zero_advantage, group=group)
-    target = sharding.data_sharding(mesh)
+    target = sharding.rows_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(packed, target)
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(target, a), packed)
@@ -197,11 +199,15 @@ def _chunk_terms(config, remat, params, inputs, targets, positions, packing, wei
     return loss, (jnp.sum(valid).astype(jnp.float32), mismatch)
 
 
-def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens):
+def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens, view=lambda p: p,
+                 fsdp: bool = False):
     """Gradient of this device's share of pg_loss over its bins, scanned over chunks of `spec.chunk_rows` bins.
 
     Chunks past the device's last used bin are skipped. The normalisation is nanochat's per pass
     of device_batch_size rows whatever the packing, so `chunk_rows` only trades memory for speed.
+    `view(params)` is what the model sees (fsdp: the local shards as `sharding.Sharded`). With
+    `fsdp`, the devices of an fsdp group run as many chunks as the busiest of them (the layers'
+    gathers are collectives every device of the group must join; an empty chunk adds zero).
     """
     w_row = row_weights(batch.row_tokens, batch.advantages, spec, n_global_tokens)
     w_tok = jnp.where(batch.rows >= 0, w_row[jnp.maximum(batch.rows, 0)], 0.0)
@@ -209,7 +215,9 @@ def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens)
     data = (batch.inputs, batch.targets, batch.positions, batch.packing(), w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
     n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk
-    grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, spec.remat, p, *x), has_aux=True)
+    if fsdp:
+        n_used = jax.lax.pmax(n_used, sharding.FSDP)
+    grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, spec.remat, view(p), *x), has_aux=True)
 
     def step(acc, x):
         g_acc, i, l, c, mm = acc
@@ -245,22 +253,32 @@ class StepMetrics(NamedTuple):
 
 def grads_and_metrics(config, spec: LossSpec, mesh, params, batch: Packed):
     """The fast path's (gradient of pg_loss, pg_loss, trained tokens of the step, mean |sampler
-    logp − learner logp| over the tokens computed), summed over the mesh's devices."""
+    logp − learner logp| over the tokens computed), summed over the mesh's devices.
+
+    On a mesh every device takes its own rows. Over fsdp the params come in as shards, each layer
+    gathers its weights and the gathers' transpose reduce-scatters their gradients; the gradients
+    of replicated leaves and the scalars are summed over fsdp; then everything is summed over data.
+    """
     tokens = jnp.sum(batch.row_tokens).astype(jnp.float32)
     n_global = jnp.maximum(tokens, 1.0)
+    n_data, n_fsdp = (1, 1) if mesh is None else (sharding.data_size(mesh), sharding.fsdp_size(mesh))
+    specs = None if mesh is None else sharding.tree_specs(params, mesh)
 
     def local(p, b):
-        g, loss, count, mm = _local_grads(config, spec, p, b, n_global)
-        n_dev = 1 if mesh is None else sharding.data_size(mesh)
-        if n_dev > 1 and n_dev & (n_dev - 1) == 0:
-            g, loss, count, mm = _tree_allreduce((g, loss, count, mm), n_dev)
-        elif n_dev > 1:  # not a power of two: plain psum (equal to one device up to summation order)
+        view = (lambda q: sharding.wrap(q, specs)) if n_fsdp > 1 else (lambda q: q)
+        g, loss, count, mm = _local_grads(config, spec, p, b, n_global, view, fsdp=n_fsdp > 1)
+        if n_fsdp > 1:
+            g = sharding.sum_replicated_over_fsdp(g, specs)
+            loss, count, mm = jax.lax.psum((loss, count, mm), sharding.FSDP)
+        if n_data > 1 and n_data & (n_data - 1) == 0:
+            g, loss, count, mm = _tree_allreduce((g, loss, count, mm), n_data)
+        elif n_data > 1:  # not a power of two: plain psum (equal to one device up to summation order)
             g, loss, count, mm = jax.lax.psum((g, loss, count, mm), sharding.DATA)
         return g, loss, count, mm
 
-    if mesh is not None and sharding.data_size(mesh) > 1:
-        rows, rep = sharding.data_spec(), sharding.replicated_spec()
-        local = sharding.shard_map(local, mesh, in_specs=(rep, rows), out_specs=rep)
+    if mesh is not None and sharding.row_shards(mesh) > 1:
+        rows, rep = sharding.rows_spec(), sharding.replicated_spec()
+        local = sharding.shard_map(local, mesh, in_specs=(specs, rows), out_specs=(specs, rep, rep, rep))
     g, loss, count, mismatch = local(params, batch)
     return g, loss, tokens, mismatch / jnp.maximum(count, 1.0)
 
@@ -268,21 +286,21 @@ def grads_and_metrics(config, spec: LossSpec, mesh, params, batch: Packed):
 def train_step(config, spec: LossSpec, optimizer, mesh, params, opt_state, batch: Packed):
     """One optimizer step on a whole RL step's packed rows. Returns (params, opt_state, StepMetrics)."""
     TRACE_COUNTS["train_step"] = TRACE_COUNTS.get("train_step", 0) + 1  # runs when jit traces
-    grads, loss, count, mismatch = grads_and_metrics(config, spec, mesh, params, batch)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
-    opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, opt_state)
+    with sharding.active(mesh):  # Muon places its matrix stacks by logical axis (jaxrl/sharding.py)
+        grads, loss, count, mismatch = grads_and_metrics(config, spec, mesh, params, batch)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+        opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, opt_state)
     metrics = StepMetrics(loss, grad_norm, count, mismatch, (~finite).astype(jnp.int32))
-    return params, opt_state, metrics
+    # outputs keep the training layout, so step 2 sees the shardings step 1 compiled for
+    return sharding.constrain_tree(params, mesh), sharding.constrain_tree(opt_state, mesh), metrics
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_train_step(config, spec: LossSpec, optimizer, mesh):
-    """jit of `train_step` with params/opt_state donated (they are replaced every step); on a mesh
-    the outputs are pinned replicated, so step 2 sees the shardings step 1 compiled for."""
-    out = None if mesh is None else sharding.replicated(mesh)
-    return jax.jit(functools.partial(train_step, config, spec, optimizer, mesh), donate_argnums=(0, 1),
-                   out_shardings=out)
+    """jit of `train_step` with params/opt_state donated (they are replaced every step). On a mesh,
+    params and optimizer state are in the training layout (`sharding.place`), in and out."""
+    return jax.jit(functools.partial(train_step, config, spec, optimizer, mesh), donate_argnums=(0, 1))

@@ -236,8 +236,8 @@ def _phases(config, spec, tool, params, row_keys, first_keys, temperature, state
 @functools.lru_cache(maxsize=64)
 def _compiled(config, spec, tool, mesh):
     f = functools.partial(_rollout_local, config, spec, tool)
-    if mesh is not None and sharding.data_size(mesh) > 1:
-        rows, rep = sharding.data_spec(), sharding.replicated_spec()
+    if mesh is not None and sharding.row_shards(mesh) > 1:
+        rows, rep = sharding.rows_spec(), sharding.replicated_spec()
         f = sharding.shard_map(f, mesh, in_specs=(rep, rows, rows, rows, rep, rep), out_specs=rows)
     return jax.jit(f)
 
@@ -311,7 +311,7 @@ def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.
     check_request(config, prompts, num_samples, max_new_tokens, temperature)
     P = len(prompts)
     example_ids = list(range(P)) if example_ids is None else list(example_ids)
-    n_dev = 1 if mesh is None else sharding.data_size(mesh)
+    n_dev = sharding.row_shards(mesh)
     P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; `sample` drops their rows
     ids, pad = left_pad(prompts, P_pad)
     row_ids = np.zeros((P_pad, num_samples, 3), np.int32)

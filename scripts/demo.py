@@ -175,7 +175,7 @@ def demonstration_batch(tokenizer: Tokenizer, indices, max_tokens: int) -> tuple
 
 def sft_step(config: GPTConfig):
     """The RL train step compiled for demonstrations: advantage 1, one token normalisation over the batch."""
-    rows, dbs, n_dev = args.warmstart_batch_size, cfg.device_batch_size, sharding.data_size(mesh)
+    rows, dbs, n_dev = args.warmstart_batch_size, cfg.device_batch_size, sharding.row_shards(mesh)
     if rows % (dbs * n_dev):
         raise SystemExit(f"error: --warmstart_batch_size ({rows}) must be a multiple of device_batch_size ({dbs}) x "
                          f"{n_dev} devices; pass --warmstart_batch_size {max(1, rows // (dbs * n_dev)) * dbs * n_dev}")

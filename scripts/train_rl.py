@@ -44,9 +44,10 @@ from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compa
 # Runtime: processes, devices, run directory
 
 distributed.initialize(cfg)
-mesh = sharding.make_mesh()
-local_mesh = sharding.make_mesh(jax.local_devices())
-world = sharding.data_size(mesh)
+with run_state.exit_on_bad_input():
+    mesh = sharding.make_mesh(data=cfg.mesh_data, fsdp=cfg.mesh_fsdp)  # training: rows over all, params over fsdp
+local_mesh = sharding.make_mesh(jax.local_devices())  # rollouts: this process's devices, a replicated copy
+world = sharding.row_shards(mesh)
 cfg.validate(world_size=jax.process_count())
 with run_state.exit_on_bad_input():  # JAXRL_ATTENTION overrides the key; the value used is saved with the run
     cfg = cfg.replace(attention=model.attention_impl(cfg.attention))
@@ -70,7 +71,8 @@ if jax.process_index() == 0:
             print0(f"fresh start: the earlier log is kept as {moved}")
     stop.on_exit = claim.release
 print0(f"run directory: {run_dir.resolve()}")
-print0(f"devices: {world} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), jax {jax.__version__}")
+print0(f"devices: {world} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), mesh data "
+       f"{sharding.data_size(mesh)} x fsdp {sharding.fsdp_size(mesh)}, jax {jax.__version__}")
 print0(format_config(cfg))
 
 # ------------------------------------------------------------------------------------------
@@ -102,9 +104,25 @@ tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generati
 lrs = dict(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr, matrix_lr=cfg.matrix_lr,
            init_lr_frac=cfg.init_lr_frac)  # the optimizer's base learning rates, also logged per step
 optimizer = optim.build_optimizer(model_config, weight_decay=cfg.weight_decay, num_steps=num_steps, **lrs)
-params = jax.device_put(params, sharding.replicated(mesh))
-opt_state = jax.jit(optimizer.init, out_shardings=sharding.replicated(mesh))(params)
+params = sharding.place(params, mesh)  # the training layout (jaxrl/sharding.py): split over fsdp
+opt_state = jax.jit(optimizer.init, out_shardings=sharding.tree_shardings(jax.eval_shape(optimizer.init, params),
+                                                                          mesh))(params)
 ckpt = CheckpointManager(paths.checkpoints)  # opening it deletes unfinished (killed) saves
+
+
+gather_params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))  # fsdp: one all-gather per step
+
+
+def local_view(tree):
+    """The rollout layout: a whole copy of the params on each of this process's devices (sampling
+    runs on this process's devices only; decoding reads every weight at every token)."""
+    if sharding.fsdp_size(mesh) > 1:
+        tree = gather_params(tree)
+    elif jax.process_count() == 1:  # already whole on every device of this (the only) process
+        return tree
+    if jax.process_count() > 1:
+        tree = jax.tree.map(lambda a: a.addressable_data(0), tree)
+    return jax.device_put(tree, sharding.replicated(local_mesh))
 
 
 def export_nanochat_or_warn(model_config, params, run_dir, step, info):
@@ -146,8 +164,7 @@ if cfg.resume and ckpt.latest_step() is not None:
         allowed = check_resume_compatible(saved_meta["config"], cfg.to_dict())
         if note := run_state.check_data(saved_meta.get("data"), data_fp, cfg.allow_data_change):
             print0(note, file=sys.stderr)
-        state, meta = ckpt.restore(resume_at, jax.eval_shape(lambda: {"params": params, "opt_state": opt_state}),
-                                   sharding=sharding.replicated(mesh))
+        state, meta = ckpt.restore(resume_at, {"params": params, "opt_state": opt_state})  # in this run's layout
     except RunStateError as e:
         raise SystemExit(f"error: {e}") from None
     params, opt_state = state["params"], state["opt_state"]
@@ -157,7 +174,7 @@ if cfg.resume and ckpt.latest_step() is not None:
     if jax.process_index() == 0:
         forget_from(start_step)
         if cfg.export_nanochat:  # a kill between the checkpoint and its export left no export of this step
-            export_nanochat_or_warn(model_config, params, run_dir, meta["step"], policy_info)
+            export_nanochat_or_warn(model_config, local_view(params), run_dir, meta["step"], policy_info)
     print0(f"resumed from {ckpt.directory} step {meta['step']} (next step {start_step}); safe changes: {allowed or 'none'}")
 elif cfg.resume:
     print0(f"--resume: no complete checkpoint in {paths.checkpoints}, starting from step 0")
@@ -180,13 +197,6 @@ eval_n = cfg.eval_num_samples or cfg.device_batch_size
 eval_args = rollout.SamplingArgs(eval_n, cfg.max_new_tokens, 1.0, cfg.top_k, cfg.eval_seed)
 
 
-def local_view(tree):
-    """Process-local copy of replicated arrays: sampling runs on this process's devices only."""
-    if jax.process_count() == 1:
-        return tree
-    return jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), tree), sharding.replicated(local_mesh))
-
-
 def evaluate(step: int):
     """nanochat's pass@k (first k of n) on the first eval_examples test questions, plus unbiased pass@k."""
     row = rollout.eval_row(model_config, local_view(params), tokenizer, test_task, num_examples=cfg.eval_examples,
@@ -204,7 +214,7 @@ def save(step: int):
     try:
         ckpt.save(step, {"params": params, "opt_state": opt_state}, meta)
         if cfg.export_nanochat and jax.process_index() == 0:
-            export_nanochat_or_warn(model_config, params, run_dir, step, policy_info)
+            export_nanochat_or_warn(model_config, local_view(params), run_dir, step, policy_info)
     except (RunStateError, OSError) as e:  # disk full, read-only folder: say where and why, keep the rest
         print(f"error: {e}" if isinstance(e, RunStateError) else f"error: the nanochat export of step {step} "
               f"to {paths.export} failed ({type(e).__name__}: {e}); checkpoint step {step} is "

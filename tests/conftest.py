@@ -194,3 +194,14 @@ def reference_run(tmp_path_factory, compile_cache, shared_dir) -> Path:
     proc = run_trainer(out, "ref", env=trainer_env(compile_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "ref"
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference_run(tmp_path_factory, compile_cache, shared_dir) -> Path:
+    """The same run as reference_run on a (data 2, fsdp 2) mesh: params and optimizer state split over
+    pairs of devices (what 2-process fsdp and cross-mesh resumes must equal)."""
+    out = tmp_path_factory.mktemp("fsdp_reference")
+    proc = run_trainer(out, "ref", "--mesh_fsdp=2", env=trainer_env(compile_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh data 2 x fsdp 2" in proc.stdout
+    return out / "ref"

@@ -136,6 +136,13 @@ def test_config_multihost_keys():
         distributed.initialize(RLConfig(num_processes=2))
 
 
+def test_config_mesh_keys():
+    with raises(ConfigError, "mesh_fsdp must be a positive integer or -1 (inferred from the other mesh key), found 0"):
+        load_config(["--mesh_fsdp=0"])
+    with raises(ConfigError, "mesh_data and mesh_fsdp cannot both be -1"):
+        load_config(["--mesh_data=-1", "--mesh_fsdp=-1"])
+
+
 def test_config_command_line_syntax():
     with raises(ConfigError, "unexpected command-line argument 'scripts/configs/x.toml'", "--config FILE"):
         load_config(["scripts/configs/x.toml"])
@@ -461,6 +468,17 @@ def test_cli_rows_do_not_split_over_devices(tmp_path):
     assert proc.returncode == 1
     assert "examples_per_step x num_samples = 8 rows do not split into whole passes of 4 rows on each of 4 devices" \
         in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.cli
+def test_cli_mesh_does_not_match_the_devices(tmp_path):
+    """mesh_data x mesh_fsdp must be the device count (4 here); nothing is written."""
+    proc = run_script("train_rl.py", *tiny_args(tmp_path, "--mesh_data=3"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "mesh_data x mesh_fsdp = 3 x 1 = 3, but there are 4 devices" in proc.stderr
+    proc = run_script("train_rl.py", *tiny_args(tmp_path, "--mesh_fsdp=3"))
+    assert proc.returncode == 1 and "mesh_fsdp = 3 does not divide the 4 devices" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -298,7 +298,7 @@ def test_every_range_check_sits_on_its_field():
     """Each field's check is in its own definition: a value that breaks it is reported under that key."""
     checked = {n: f.metadata["check"] for n, f in FIELDS.items() if f.metadata["check"]}
     assert {"device_batch_size", "seed", "run", "temperature", "coordinator_address"} <= set(checked)
-    strings = {"run": "a/b", "task": "", "coordinator_address": "localhost"}
+    strings = {"run": "a/b", "task": "", "coordinator_address": "localhost", "mesh_data": -2, "mesh_fsdp": 0}
     for name, (_ok, what, *_) in checked.items():
         bad = strings.get(name, -1 if field_type(name)[0] is int else float("nan"))
         with pytest.raises(ConfigValueError, match=re.escape(f"{name} must be {what}, found")):

@@ -138,3 +138,33 @@ def test_stop_after_steps_then_resume_equals_the_whole_run(tmp_path, reference_r
     ref_step, ref_state = load_state(reference_run)
     assert step == ref_step == TINY_STEPS - 1
     assert differing_leaves(state, ref_state) == []
+
+
+def test_resume_under_another_mesh_shape(tmp_path, fsdp_reference_run, compile_cache):
+    """A run saved with params split over fsdp (data 2 x fsdp 2) resumes replicated (data 4 x fsdp 1):
+    the checkpoint is read into the new layout, the resumed step samples exactly the rollouts of the
+    uninterrupted fsdp run (the restored params are its bits), and its update differs only by the
+    order XLA sums the gradients in (bounds as tests/test_sharding.py: Muon's matrices within 1e-6,
+    AdamW's leaves within 1e-6 but for at most 1% of their entries)."""
+    env = trainer_env(compile_cache)
+    first = run_trainer(tmp_path, "run", "--mesh_fsdp=2", f"--stop_after_steps={TINY_STEPS - 1}", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = run_trainer(tmp_path, "run", "--resume", "--mesh_fsdp=1", env=env)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "mesh data 4 x fsdp 1" in rest.stdout and f"(next step {TINY_STEPS - 1})" in rest.stdout
+    assert "mesh_fsdp" in rest.stdout.split("safe changes:")[1].splitlines()[0]
+    ref = {r["step"]: r for r in read_metrics(fsdp_reference_run) if r["event"] == "step"}
+    last = [r for r in read_metrics(tmp_path / "run") if r["event"] == "step"][-1]
+    assert last["step"] == TINY_STEPS - 1 and last["reward"] == ref[TINY_STEPS - 1]["reward"]
+    assert last["loss"] == pytest.approx(ref[TINY_STEPS - 1]["loss"], rel=1e-5, abs=1e-7)
+    step, state = load_state(tmp_path / "run")
+    _, ref_state = load_state(fsdp_reference_run)
+    assert step == TINY_STEPS - 1 and state.keys() == ref_state.keys()
+    for key, a in ref_state.items():
+        if not key.startswith("['params']"):
+            continue
+        gap = np.abs(a - state[key])
+        if "['h']" in key:
+            assert gap.max() <= 1e-6, f"{key}: gap {gap.max():.1e}"
+        else:
+            assert np.mean(gap > 1e-6) <= 0.01, f"{key}: {np.mean(gap > 1e-6):.2%} of entries off by > 1e-6"

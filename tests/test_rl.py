@@ -108,9 +108,9 @@ def test_one_vs_eight_devices_same_update():
     outs = []
     for mesh in (None, sharding.make_mesh()):
         params = _params()
-        n_dev = 1 if mesh is None else sharding.data_size(mesh)
+        n_dev = 1 if mesh is None else sharding.row_shards(mesh)
         batch = packing.pack(b, PAD, n_dev=n_dev, chunk=2)
-        batch = batch if mesh is None else jax.device_put(batch, sharding.data_sharding(mesh))
+        batch = batch if mesh is None else jax.device_put(batch, sharding.rows_sharding(mesh))
         grads, loss, _, _ = jax.jit(lambda p, x: rl.grads_and_metrics(CFG, spec, mesh, p, x))(params, batch)
         new, _, m = rl.compiled_train_step(CFG, spec, opt, mesh)(params, opt.init(params), batch)
         outs.append((jax.device_get(grads), jax.device_get(new), float(m.loss)))
@@ -148,12 +148,13 @@ def test_nonfinite_step_is_skipped():
 LOSS_RTOL, GRAD_RTOL = 2e-6, 2e-5
 
 
-@pytest.mark.parametrize("seed,n_dev", [(2, 1), (8, 2), (4, 3), (4, 8)])  # passes of 3, 1, 2, 2 rows
-def test_fast_path_equals_pg_loss(seed, n_dev):
-    """Property: the train step's fast path (rl.global_batch on n_dev simulated devices, chunks
-    scanned per device, the cross-device sum) gives rl.pg_loss and its gradient, on fresh random
-    rows: lengths, prompts and masks (some rows without a target), advantages (some exactly 0),
-    pass size and count, token_norm, chunk size, bin length, prompt sharing and zero skipping."""
+@pytest.mark.parametrize("seed,n_dev,fsdp", [(2, 1, 1), (8, 2, 1), (4, 3, 1), (4, 8, 1), (6, 8, 4), (7, 8, 8)])
+def test_fast_path_equals_pg_loss(seed, n_dev, fsdp):
+    """Property: the train step's fast path (rl.global_batch on n_dev simulated devices, `fsdp` of
+    them sharing sharded params, chunks scanned per device, the cross-device sums) gives
+    rl.pg_loss and its gradient, on fresh random rows: lengths, prompts and masks (some rows
+    without a target), advantages (some exactly 0), pass size and count, token_norm, chunk size,
+    bin length, prompt sharing and zero skipping."""
     rng = np.random.default_rng([15, seed])
     dbs, passes = int(rng.choice([1, 2, 3])), int(rng.choice([1, 2]))
     N, Q = dbs * passes, n_dev * int(rng.choice([1, 2]) if n_dev < 8 else 1)
@@ -163,10 +164,13 @@ def test_fast_path_equals_pg_loss(seed, n_dev):
     adv = rng.standard_normal(Q * N).astype(np.float32)
     adv[rng.random(Q * N) < 0.25] = 0.0
     b = rl.build_batch(seqs, masks, adv, PAD)
-    mesh = sharding.make_mesh(jax.devices()[:n_dev])
+    mesh = sharding.make_mesh(jax.devices()[:n_dev], fsdp=fsdp)
     packed = rl.global_batch(b, mesh, pad_id=PAD, chunk=spec.chunk_rows, min_len=int(rng.choice([0, 128])),
                              skip_zero_advantage=bool(rng.integers(2)), group=int(rng.choice([1, N])))
-    params = _params(seed)
+    params = sharding.place(_params(seed), mesh)
+    if fsdp > 1:  # the big matrices really are split: each device holds 1/fsdp of them
+        wte = params["transformer"]["wte"]["weight"]
+        assert wte.addressable_shards[0].data.shape[0] == wte.shape[0] // fsdp
     grads, loss, tokens, _ = jax.jit(lambda p, x: rl.grads_and_metrics(CFG, spec, mesh, p, x))(params, packed)
     reference = jax.jit(jax.value_and_grad(lambda p, x: rl.pg_loss(CFG, p, x, spec)))
     ref_loss, ref_grads = reference(params, b)

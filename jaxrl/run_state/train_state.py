@@ -23,7 +23,7 @@ damaged newer steps aside into <run_dir>/damaged_checkpoints/ (nothing is delete
 
     mgr = CheckpointManager(RunPaths(run_dir).checkpoints, max_to_keep=3)
     mgr.save(step, {"params": params, "opt_state": opt_state}, {"config": cfg.to_dict(), ...})
-    state, meta = mgr.restore(abstract_state=jax.eval_shape(init_state), sharding=replicated(mesh))
+    state, meta = mgr.restore(abstract_state=state_in_this_runs_layout)  # any mesh: read into its shardings
 
 Test: `python -m pytest -q tests/test_checkpoint.py`.
 """
@@ -52,15 +52,16 @@ RESUME_BREAKING = (
     "num_epochs", "num_steps", "seed", "task", "data_dir", "advantage", "token_norm",
     "train_on_end_token", "train_chunk_rows", "train_remat", "train_skip_zero_advantage", "arith_difficulty",
 )
-# Keys that only touch naming, logging, evaluation, saving or process layout.
+# Keys that only touch naming, logging, evaluation, saving or process and device layout (a new mesh
+# shape sums the same gradients in another order: the run goes on equal up to float rounding).
 RESUME_SAFE = (
     "run", "out_dir", "resume", "stop_after_steps", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
     "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
-    "num_processes", "process_id", "zero_reward_warn_steps", "allow_data_change",
+    "num_processes", "process_id", "zero_reward_warn_steps", "allow_data_change", "mesh_data", "mesh_fsdp",
 )
 # What a config saved by an earlier release lacks or holds extra: keys added since (with the value
 # those runs used) and keys removed since (settings that moved out of RLConfig, meaningless to a resume).
-ADDED_KEYS = {"attention": "einsum", "train_remat": False}
+ADDED_KEYS = {"attention": "einsum", "train_remat": False, "mesh_data": -1, "mesh_fsdp": 1}
 # Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
