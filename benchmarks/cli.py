@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", parents=[common], help="per-device bytes of the train step and sampler for a mesh, "
                        "from XLA's memory analysis of the compiled programs (nothing runs)")
     m.add_argument("--mesh-data", type=int, default=1, help="data-parallel devices (simulated CPU devices)")
-    m.add_argument("--mesh-fsdp", type=int, default=1, help="devices params are sharded over (1 today)")
+    m.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (train_remat)")
+    m.add_argument("--mesh-fsdp", type=int, default=1, help="devices the params and optimizer state are split over (jaxrl/sharding.py)")
     m.add_argument("--questions", type=int, default=16, help="questions per step (the seed's 16)")
     m.add_argument("--num-samples", type=int, default=16, help="samples per question (the seed's 16)")
     m.add_argument("--max-new-tokens", type=int, default=256, help="generated tokens per row (the seed's 256)")
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
         if args.checkpoint:
             raise SystemExit("memory compiles nanochat's shapes with abstract params: use --model d<N>, not --checkpoint")
         config = bench_device.nanochat_config(int(args.model[1:]), args.generation, args.dtype)
-        mesh = sharding.make_mesh(jax.devices()[: args.mesh_data])
+        mesh = sharding.make_mesh(jax.devices()[: args.mesh_data * args.mesh_fsdp], data=args.mesh_data,
+                                  fsdp=args.mesh_fsdp)
         figures, headers, table = memory.run(config, args, mesh)
         ceil = None
     else:

@@ -245,9 +245,9 @@ def test_memory_figures_are_consistent_with_the_state_they_compile():
     from jaxrl import sharding
     from jaxrl.model import param_table
 
-    config = tiny_config("gen-2025-10")
+    config = tiny_config("gen-2025-10", vocab_size=320)  # (gen-2025-10 does not pad 265): every matrix splits by 4
     args = argparse.Namespace(questions=2, num_samples=4, device_batch_size=2, prompt_len=8, max_new_tokens=8,
-                              seed=int(np.random.default_rng().integers(1000)), mesh_fsdp=1)
+                              seed=int(np.random.default_rng().integers(1000)), remat=False)
     mesh = sharding.make_mesh(jax.devices()[:2])
     figures, _, table = memory.run(config, args, mesh)
     n_params = sum(int(np.prod(shape)) for _, shape, _ in param_table(config))
@@ -257,5 +257,13 @@ def test_memory_figures_are_consistent_with_the_state_they_compile():
     assert train["aliased"] == state and train["arguments"] > state and train["peak"] >= train["arguments"]
     assert sample["arguments"] >= figures["params_bytes_per_device"] and sample["peak"] >= sample["arguments"]
     assert figures["mesh"] == {"data": 2, "fsdp": 1} and len(table) == 3
-    with pytest.raises(SystemExit, match="--mesh-fsdp 2"):
-        memory.check_mesh(1, 2)
+    # fsdp 4 on 8 devices: the train state is split (within what stays whole: scalars, counts,
+    # dimensions that do not divide), the sampler's copy is whole
+    args.questions = 8
+    sharded, _, _ = memory.run(config, args, sharding.make_mesh(jax.devices()[:8], data=2, fsdp=4))
+    assert sharded["mesh"] == {"data": 2, "fsdp": 4}
+    assert state / 4 <= sharded["train_state_bytes_per_device"] <= 1.15 * state / 4
+    assert sharded["params_bytes_per_device"] <= 1.15 * figures["params_bytes_per_device"] / 4
+    assert sharded["sampler"]["arguments"] >= figures["params_bytes_per_device"]
+    with pytest.raises(SystemExit, match="--mesh-data 0"):
+        memory.check_mesh(0, 2)
