@@ -15,8 +15,10 @@ How one call works (R = prompts × samples rows):
 3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
    host is reached only on those steps; it decodes the expression, runs the calculator and returns
    the tokens to force.
-Rows are independent, so the call is `shard_map`ped over the data axis; each row's keys derive from
-(seed, step, example, sample, column) only, so rollouts are identical on any device count.
+Rows are independent, so the call is `shard_map`ped over the devices; each row's keys derive from
+(seed, step, example, sample, column) only, so rollouts are identical on any device count. With
+fewer prompts than devices, each prompt's samples are split over several devices (`sample_split`:
+one prompt x 16 samples on 2 devices decodes 8 rows on each), the prompt prefilled on each.
 
 Test: `pytest tests/test_sampler.py`.
 """
@@ -297,8 +299,16 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
                               step=step, example_ids=example_ids, mesh=mesh, compact=compact)
     rows = len(prompts) * num_samples
     out = jax.tree.map(lambda a: np.asarray(a)[:rows], fn(params, *inputs))
-    ids, pad = inputs[0], inputs[1]
-    return Rollout(*out), ids.shape[1] - pad[: len(prompts)]
+    return Rollout(*out), np.array([len(p) for p in prompts], np.int32)
+
+
+def sample_split(prompts: int, num_samples: int, n_dev: int) -> int:
+    """Into how many parts each prompt's samples are split so the rows spread over `n_dev` devices:
+    1 when the prompts split evenly; else n_dev / gcd(prompts, n_dev) if that divides num_samples
+    (one prompt, 16 samples on 2 devices: 8 samples per device, the prompt prefilled on both),
+    else 1 (dummy prompts fill the last device). The rows and their keys stay the same."""
+    s = n_dev // np.gcd(prompts, n_dev)
+    return s if s > 1 and num_samples % s == 0 else 1
 
 
 def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0, tool=None,
@@ -312,15 +322,17 @@ def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.
     P = len(prompts)
     example_ids = list(range(P)) if example_ids is None else list(example_ids)
     n_dev = sharding.row_shards(mesh)
-    P_pad = -(-P // n_dev) * n_dev  # dummy prompts so rows split evenly; `sample` drops their rows
-    ids, pad = left_pad(prompts, P_pad)
-    row_ids = np.zeros((P_pad, num_samples, 3), np.int32)
+    split = sample_split(P, num_samples, n_dev)
+    N = num_samples // split  # samples per (virtual) prompt: prompt p's samples j N .. (j + 1) N - 1 are v = p split + j
+    P_pad = -(-P * split // n_dev) * n_dev  # dummy prompts so rows split evenly; `sample` drops their rows
+    ids, pad = left_pad([p for p in prompts for _ in range(split)], P_pad)
+    row_ids = np.zeros((P_pad, N, 3), np.int32)
     row_ids[:, :, 0] = step
-    row_ids[:P, :, 1] = np.asarray(example_ids, np.int32)[:, None]
-    row_ids[:, :, 2] = np.arange(num_samples)[None]
+    row_ids[:P * split, :, 1] = np.repeat(np.asarray(example_ids, np.int32), split)[:, None]
+    row_ids[:, :, 2] = (np.arange(P_pad) % split)[:, None] * N + np.arange(N)[None]
     top_k = 0 if not top_k else min(int(top_k), config.vocab_size)
-    local_rows = P_pad * num_samples // n_dev
-    spec = SampleSpec(num_samples, max_new_tokens, top_k, temperature == 0,
+    local_rows = P_pad * N // n_dev
+    spec = SampleSpec(N, max_new_tokens, top_k, temperature == 0,
                       config.generation == "gen-2025-10" and temperature > 0,
                       tool.queue_len if tool is not None else 1, specials, specials.assistant_end,
                       local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0)

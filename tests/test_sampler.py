@@ -295,6 +295,30 @@ def test_same_keys_same_rollouts_on_any_device_count():
     assert len({tuple(r) for r in one.tokens[:4].tolist()}) == 4  # the samples of a prompt differ
 
 
+@pytest.mark.parametrize("gen", ["gen-2025-10", "gen-2026-07"])
+def test_samples_split_over_devices_keep_their_rollouts(gen):
+    """Fewer prompts than devices: a prompt's samples are split over devices (`sample_split`), and
+    every (prompt, sample) row is the one of 1 device: 1 prompt x 8 samples on 2 and 8 devices,
+    3 prompts x 4 samples on 4 devices (one sample per device and prompt copy). gen-2025-10 also
+    checks its shared first token survives the split."""
+    (config, params), tok = tiny_model(gen), tokenizer()
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("What is 2+3?", "Hi", "A longer question here.")]
+    tool = sampler.ToolBridge(tok, use_calculator, 18)
+    assert [sampler.sample_split(p, n, d) for p, n, d in [(1, 8, 2), (1, 8, 8), (3, 4, 4), (3, 4, 8), (8, 4, 8)]] \
+        == [2, 8, 4, 1, 1]
+    for subset, n, devices in ((prompts[:1], 8, 2), (prompts[:1], 8, 8), (prompts, 4, 4)):
+        run = functools.partial(sampler.sample, config, params, subset, num_samples=n, max_new_tokens=16,
+                                temperature=1.0, top_k=50, tool=tool, specials=tok.specials, seed=3, step=2)
+        one, lengths = run()
+        split, split_lengths = run(mesh=sharding.make_mesh(jax.devices()[:devices]))
+        np.testing.assert_array_equal(split_lengths, lengths)
+        for field in ("tokens", "mask", "length"):
+            np.testing.assert_array_equal(getattr(split, field), getattr(one, field), err_msg=f"{field} {devices}")
+        np.testing.assert_allclose(split.logp, one.logp, rtol=1e-5, atol=1e-5)
+        if gen == "gen-2025-10":
+            assert len(set(one.tokens[:n, 0].tolist())) == 1  # nanochat's shared first token
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compacting_the_long_tail_keeps_every_token(seed):
     """Decoding only the last running quarter of the rows (in a quarter-size state, each row with its
