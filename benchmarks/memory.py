@@ -19,7 +19,7 @@ AdamW moments, step counts) as each device holds them under the mesh's sharding.
 is the seed's: `--questions` 16 x `--num-samples` 16 rows, each a `--prompt-len` (128) prompt
 plus `--max-new-tokens` (256) generated tokens (every row at the full budget: the worst case),
 `--device-batch-size` 8 rows per pass; the sampler samples without the calculator (its queue adds
-a few KB) on a replicated copy of the params, the rollout layout.
+a few KB) on a replicated copy of the params in the compute dtype, the rollout layout.
 
 Test: `pytest tests/test_bench.py -k memory`.
 """
@@ -71,9 +71,9 @@ def abstract_state(config, optimizer, mesh):
     return params, place(jax.eval_shape(optimizer.init, params))
 
 
-def replicated(tree, mesh):
-    """The rollout layout: every device holds the whole params (gathered once per step)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), tree)
+def rollout_layout(tree, mesh, dtype):
+    """The rollout layout: every device holds the whole params in the compute dtype (gathered once per step)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding.replicated(mesh)), tree)
 
 
 def run(config, args, mesh) -> tuple[dict, list[str], list[list]]:
@@ -99,7 +99,7 @@ def run(config, args, mesh) -> tuple[dict, list[str], list[list]]:
     fn, inputs = sampler.rollout_call(config, prompts, num_samples=S, max_new_tokens=args.max_new_tokens,
                                       specials=specials, mesh=mesh)
     t0 = time.perf_counter()
-    sample = program_bytes(fn.lower(replicated(params, mesh), *inputs).compile())
+    sample = program_bytes(fn.lower(rollout_layout(params, mesh, config.dtype), *inputs).compile())
     sampler_compile_s = time.perf_counter() - t0
     state = per_device_bytes((params, opt_state))
     figures = {"rows": Q * S, "questions": Q, "num_samples": S, "prompt_len": args.prompt_len,

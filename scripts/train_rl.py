@@ -111,12 +111,19 @@ ckpt = CheckpointManager(paths.checkpoints)  # opening it deletes unfinished (ki
 
 
 gather_params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))  # fsdp: one all-gather per step
+# Rollouts read the params in the compute dtype (every use casts to it): a bf16 copy is the same
+# tokens at half the bytes, cast on the shards before they are gathered.
+rollout_copy = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(model_config.dtype), p),
+                       out_shardings=sharding.replicated(mesh))
 
 
-def local_view(tree):
-    """The rollout layout: a whole copy of the params on each of this process's devices (sampling
-    runs on this process's devices only; decoding reads every weight at every token)."""
-    if sharding.fsdp_size(mesh) > 1:
+def local_view(tree, *, rollout: bool = False):
+    """A whole copy of the params on each of this process's devices (sampling runs on this
+    process's devices only; decoding reads every weight at every token). `rollout`: in the compute
+    dtype; else the fp32 masters (exports)."""
+    if rollout and model_config.dtype != np.float32:
+        tree = rollout_copy(tree)
+    elif sharding.fsdp_size(mesh) > 1:
         tree = gather_params(tree)
     elif jax.process_count() == 1:  # already whole on every device of this (the only) process
         return tree
@@ -199,9 +206,9 @@ eval_args = rollout.SamplingArgs(eval_n, cfg.max_new_tokens, 1.0, cfg.top_k, cfg
 
 def evaluate(step: int):
     """nanochat's pass@k (first k of n) on the first eval_examples test questions, plus unbiased pass@k."""
-    row = rollout.eval_row(model_config, local_view(params), tokenizer, test_task, num_examples=cfg.eval_examples,
-                           args=eval_args, tool=tool, mesh=local_mesh, step=step, phase="rl",
-                           shared_keys=cfg.eval_shared_keys)
+    row = rollout.eval_row(model_config, local_view(params, rollout=True), tokenizer, test_task,
+                           num_examples=cfg.eval_examples, args=eval_args, tool=tool, mesh=local_mesh, step=step,
+                           phase="rl", shared_keys=cfg.eval_shared_keys)
     writer.log(row)
     print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {row[f'pass@{k}']:.4f}" for k in range(1, eval_n + 1)))
     return row
@@ -239,8 +246,8 @@ for step in bar:
     first = step * cfg.examples_per_step
     questions = np.array([(first + j) % len(train_task) for j in range(cfg.examples_per_step)])
     mine = distributed.process_share(questions)
-    res = rollout.run_round(model_config, local_view(params), tokenizer=tokenizer, task=train_task, indices=mine,
-                            args=train_args, tool=tool, step=step, mesh=local_mesh)
+    res = rollout.run_round(model_config, local_view(params, rollout=True), tokenizer=tokenizer, task=train_task,
+                            indices=mine, args=train_args, tool=tool, step=step, mesh=local_mesh)
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)

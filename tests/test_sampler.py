@@ -416,3 +416,18 @@ def test_left_pad_right_aligns_prompts_in_a_bucketed_block():
     assert sampler.left_pad(prompts)[0].shape[0] == len(prompts)
     B = sampler.PROMPT_BUCKET  # the edges: a prompt of exactly one bucket, and of one token
     assert sampler.left_pad([[7] * B])[0].shape == (1, B) and sampler.left_pad([[7]])[1].tolist() == [B - 1]
+
+
+def test_bf16_rollouts_of_a_bf16_copy_equal_those_of_the_fp32_masters():
+    """train_rl samples from a copy of the params in the compute dtype (half the bytes in bf16):
+    every use of a weight casts it to that dtype, so the rollouts are the same bits."""
+    (config, params), tok = tiny_model(), tokenizer()
+    config = config.replace(compute_dtype="bfloat16")
+    prompts = [tok.encode(t, prepend="<|bos|>") for t in ("What is 2+3?", "Hi")]
+    run = functools.partial(sampler.sample, config, prompts=prompts, num_samples=4, max_new_tokens=16,
+                            temperature=1.0, top_k=50, tool=sampler.ToolBridge(tok, use_calculator, 18),
+                            specials=tok.specials, seed=5)
+    fp32, _ = run(params=params)
+    bf16, _ = run(params=jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+    for field in sampler.Rollout._fields:
+        np.testing.assert_array_equal(getattr(bf16, field), getattr(fp32, field), err_msg=field)

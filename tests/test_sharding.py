@@ -176,3 +176,23 @@ def test_no_other_module_spells_a_mesh_axis_or_a_partition_spec():
                                                   for a in node.args[1:]):  # psum(x, "data") and the like
                 offenders.append(f"{path.relative_to(repo)}:{node.lineno} a mesh axis as a string")
     assert offenders == []
+
+
+@pytest.mark.cli
+def test_train_rl_in_bf16_on_an_fsdp_mesh(tmp_path):
+    """End to end in the accelerator setting: bf16 compute, params split over fsdp pairs, rollouts
+    from the bf16 copy gathered once per step; the run finishes, logs finite numbers and its
+    checkpoint holds fp32 masters."""
+    from conftest import load_state, run_trainer, trainer_env
+
+    from jaxrl.metrics import read_metrics
+
+    proc = run_trainer(tmp_path, "bf16", "--dtype=bfloat16", "--mesh_fsdp=2", "--num_steps=2", "--eval_examples=4",
+                       env=trainer_env(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mesh data 2 x fsdp 2" in proc.stdout
+    steps = [r for r in read_metrics(tmp_path / "bf16") if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [0, 1] and all(np.isfinite(r["loss"]) for r in steps)
+    assert all(r["tokens"] > 0 and 0 <= r["reward"] <= 1 and np.isfinite(r["grad_norm"]) for r in steps)
+    _, state = load_state(tmp_path / "bf16")
+    assert all(v.dtype == np.float32 for k, v in state.items() if k.startswith("['params']"))
