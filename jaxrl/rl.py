@@ -199,15 +199,15 @@ def _chunk_terms(config, remat, params, inputs, targets, positions, packing, wei
     return loss, (jnp.sum(valid).astype(jnp.float32), mismatch)
 
 
-def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens, view=lambda p: p,
-                 fsdp: bool = False):
+def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens, fsdp_specs=None):
     """Gradient of this device's share of pg_loss over its bins, scanned over chunks of `spec.chunk_rows` bins.
 
     Chunks past the device's last used bin are skipped. The normalisation is nanochat's per pass
     of device_batch_size rows whatever the packing, so `chunk_rows` only trades memory for speed.
-    `view(params)` is what the model sees (fsdp: the local shards as `sharding.Sharded`). With
-    `fsdp`, the devices of an fsdp group run as many chunks as the busiest of them (the layers'
-    gathers are collectives every device of the group must join; an empty chunk adds zero).
+    `fsdp_specs` (the params' specs on an fsdp mesh, else None): `params` are this device's shards,
+    which the model sees as `sharding.Sharded`; the devices of an fsdp group run as many chunks as
+    the busiest of them (the layers' gathers are collectives every device of the group must join;
+    an empty chunk adds zero).
     """
     w_row = row_weights(batch.row_tokens, batch.advantages, spec, n_global_tokens)
     w_tok = jnp.where(batch.rows >= 0, w_row[jnp.maximum(batch.rows, 0)], 0.0)
@@ -215,8 +215,9 @@ def _local_grads(config, spec: LossSpec, params, batch: Packed, n_global_tokens,
     data = (batch.inputs, batch.targets, batch.positions, batch.packing(), w_tok, batch.sampler_logp)
     data = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), data)
     n_used = (batch.bins.reshape(-1)[0] + chunk - 1) // chunk
-    if fsdp:
+    if fsdp_specs is not None:
         n_used = jax.lax.pmax(n_used, sharding.FSDP)
+    view = (lambda p: p) if fsdp_specs is None else (lambda p: sharding.wrap(p, fsdp_specs))
     grad_fn = jax.value_and_grad(lambda p, x: _chunk_terms(config, spec.remat, view(p), *x), has_aux=True)
 
     def step(acc, x):
@@ -265,8 +266,7 @@ def grads_and_metrics(config, spec: LossSpec, mesh, params, batch: Packed):
     specs = None if mesh is None else sharding.tree_specs(params, mesh)
 
     def local(p, b):
-        view = (lambda q: sharding.wrap(q, specs)) if n_fsdp > 1 else (lambda q: q)
-        g, loss, count, mm = _local_grads(config, spec, p, b, n_global, view, fsdp=n_fsdp > 1)
+        g, loss, count, mm = _local_grads(config, spec, p, b, n_global, specs if n_fsdp > 1 else None)
         if n_fsdp > 1:
             g = sharding.sum_replicated_over_fsdp(g, specs)
             loss, count, mm = jax.lax.psum((loss, count, mm), sharding.FSDP)

@@ -23,7 +23,8 @@ damaged newer steps aside into <run_dir>/damaged_checkpoints/ (nothing is delete
 
     mgr = CheckpointManager(RunPaths(run_dir).checkpoints, max_to_keep=3)
     mgr.save(step, {"params": params, "opt_state": opt_state}, {"config": cfg.to_dict(), ...})
-    state, meta = mgr.restore(abstract_state=state_in_this_runs_layout)  # any mesh: read into its shardings
+    state, meta = mgr.restore(abstract_state={"params": params, "opt_state": opt_state})  # placed arrays:
+                                                 # restored into their shardings, whatever mesh saved them
 
 Test: `python -m pytest -q tests/test_checkpoint.py`.
 """
