@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--temperature", type=float, default=1.0)
         q.add_argument("--top-k", type=int, default=50)
         q.add_argument("--no-tool", action="store_true", help="sample without the calculator tool")
+        q.add_argument("--slots", type=int, default=None, help="rows each device decodes at once, a finished row's "
+                       "slot going to the next (default: per device kind; 0: all rows at once)")
     for q in (s, t, r):
         q.add_argument("--profile", metavar="DIR", help="after timing, run the subject once more under "
                        "jax.profiler: trace in DIR/<name>/, per-op self times in the table and the JSON (`profile`)")

@@ -69,7 +69,7 @@ def run_rl_step(ctx, args, ceil: dict) -> tuple[dict, list[str], list[list]]:
             t0 = time.perf_counter()
             questions = np.arange(step * Q, (step + 1) * Q) % len(task)
             res = rollout.run_round(config, params, tokenizer=tok, task=task, indices=questions, args=sargs, tool=tool,
-                                    step=step, mesh=mesh)
+                                    step=step, mesh=mesh, slots=args.slots)
             t1 = time.perf_counter()
             batch = rollout.make_batch(res, S, specials.assistant_end)
             batch = rl.global_batch(batch, mesh, pad_id=specials.assistant_end, chunk=loss_spec.chunk_rows,

@@ -12,7 +12,10 @@ Per configuration (P prompts × S samples = R rows), each timed after a compilin
   with no tool (`tool_overhead_frac`);
 - `mbu`: decode steps × bytes one step must read / (call − prefill time) / the device's bandwidth;
   bytes = weights in the compute dtype + prompt keys and values once per prompt (the sampler
-  shares them across a prompt's samples) + each row's generated keys and values (mean count).
+  shares them across a prompt's samples; with slots, once per slot) + each decoded row's
+  generated keys and values (mean count);
+- `slot_utilization`: kept tokens / (decode steps × rows decoded in each): 1 when no decoded row
+  is idle or past its end (`--slots`: rows decoded at once, a finished row's slot going to the next).
 Test: `pytest tests/test_bench.py -k sampler`.
 """
 from __future__ import annotations
@@ -66,9 +69,11 @@ def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
     specials = special_ids(ctx, args.ignore_eos)
 
     def call(max_new_tokens=args.max_new_tokens, tool=tool):
-        return sampler.sample(ctx.config, ctx.params, prompts, num_samples=S, max_new_tokens=max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
-                              specials=specials, mesh=ctx.mesh)
+        """(Rollout, prompt lengths, the sampler's stats)"""
+        stats = {}
+        return (*sampler.sample(ctx.config, ctx.params, prompts, num_samples=S, max_new_tokens=max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
+                                specials=specials, mesh=ctx.mesh, slots=args.slots, stats=stats), stats)
 
     t0 = time.perf_counter()
     call()
@@ -77,20 +82,25 @@ def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
         tool.reset()
     results = []
     call_s, _ = bench_device.median_time(lambda: results.append(call()), args.repeats)
-    ro, lengths = results[-1]
+    ro, lengths, stats = results[-1]
     tool_stats = None if tool is None else (tool.callbacks, tool.expressions, tool.seconds)
     gen = int(ro.length.sum())
-    steps = min(args.max_new_tokens, int(ro.length.max()) + 1)
+    steps = stats["decode_steps"]
     prefill_s = time_prefill(ctx, prompts, args.repeats)
     decode_s = max(call_s - prefill_s, 1e-9)
     out = {"prompts": P, "num_samples": S, "rows": P * S, "prompt_len_mean": float(np.mean(lengths)),
-           "gen_tokens": gen, "decode_steps": steps, "call_s": call_s, "gen_tokens_per_s": gen / call_s,
+           "gen_tokens": gen, "decode_steps": steps, "row_steps": stats["row_steps"],
+           "slot_utilization": stats["slot_utilization"], "call_s": call_s, "gen_tokens_per_s": gen / call_s,
            "prefill_s": prefill_s, "prefill_tokens_per_s": float(np.sum(lengths)) / prefill_s,
            "ttft_s": prefill_s + decode_s / steps,
            "compile_s": max(first_s - call_s, 0.0)}
     out.update(tool_figures(call, tool_stats, type(tool.bridge).__name__ if tool else "none", steps, decode_s,
                             prefill_s, args.repeats))
-    bytes_step = bench_device.decode_bytes_per_step(ctx.config, P, P * S, out["prompt_len_mean"], (steps + 1) / 2)
+    rows_step = stats["row_steps"] / steps  # rows decoded per step (fewer with slots or compaction)
+    slots = sampler.default_slots() if args.slots is None else args.slots
+    prompt_reads = P if not 0 < slots < P * S // len(ctx.mesh.devices.flat) else rows_step  # a slot reads its own
+    bytes_step = bench_device.decode_bytes_per_step(ctx.config, prompt_reads, rows_step, out["prompt_len_mean"],
+                                                    (steps + 1) / 2)
     achieved = steps * bytes_step / decode_s
     out.update(decode_s=decode_s, bytes_per_step=bytes_step, achieved_bytes_per_s=achieved,
                mbu=achieved / ceil["bytes_per_s"])
@@ -112,8 +122,7 @@ def tool_figures(call, stats, name: str, steps: int, decode_s: float, prefill_s:
     call(tool=None)
     results = []
     notool_s, _ = bench_device.median_time(lambda: results.append(call(tool=None)), calls_seen)
-    ro, _ = results[-1]
-    notool_steps = min(ro.tokens.shape[1], int(ro.length.max()) + 1)
+    notool_steps = results[-1][2]["decode_steps"]
     notool_step_s = max(notool_s - prefill_s, 1e-9) / notool_steps
     return {"tool": name, "tool_callbacks": callbacks, "tool_expressions": expressions, "tool_host_s": seconds,
             "notool_step_s": notool_step_s, "tool_overhead_frac": (decode_s / steps) / notool_step_s - 1.0}

@@ -175,6 +175,12 @@ class RLConfig:
                         "fused attention: NVIDIA GPUs only). The environment variable JAXRL_ATTENTION, when set, "
                         "overrides it; the value used is the one saved with the run.", choices=ATTENTIONS)
 
+    rollout_slots: int | None = _f(None, "Rows each device decodes at once in rollouts and pass@k: when a row "
+                                   "ends, the next (question, sample) takes its slot in the same decode step, so no "
+                                   "step waits on the longest row. None = per device kind (128 on CPU, 256 on "
+                                   "GPU/TPU); 0 = all rows at once. Every (question, sample) gets the same tokens "
+                                   "whatever the value (docs/benchmarks.md#slot-refill).", check=NON_NEGATIVE)
+
     # ---- jaxrl: devices ----
     mesh_data: int = _f(-1, "Data-parallel size of the device mesh: devices (or groups of devices) that "
                         "sample and train on their own rows. mesh_data x mesh_fsdp = the device count of all "

@@ -17,7 +17,7 @@ Test: `pytest tests/test_model.py` (cache = full forward) and `pytest tests/test
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,38 +66,26 @@ class SharedView:
     def attend(self, state, i, q, k, v, positions, window):
         c = self.c
         n_blocks = -(-self.gen_len // GEN_BLOCK)
-        last = n_blocks - 1
-        # write column `col` of layer i into its block (keys (L,R,K,Dh,B), values (L,R,K,B,Dh): per
-        # layer the operand layouts of the einsums below, so a step writes one column in place)
-        kgs, vgs = state
-        off = self.col - last * GEN_BLOCK
-        kb = stack.write_layer(kgs[last], i, jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, off))
-        vb = stack.write_layer(vgs[last], i, jnp.transpose(v, (0, 2, 1, 3)), (0, 0, off, 0))
-        kgs, vgs = kgs[:last] + (kb,) + kgs[n_blocks:], vgs[:last] + (vb,) + vgs[n_blocks:]
+        kgs, vgs = self.write(state, i, k, v, n_blocks)
         kg = [b[i] for b in kgs[:n_blocks]]
         vg = [b[i] for b in vgs[:n_blocks]]
-        P, Tp, K = c.kp[0].shape[:3]
+        Tp, K = self.prompt_len(), kg[0].shape[1]
         R, _, H, hd = q.shape
-        N = R // P
         G = sum(b.shape[-1] for b in kg)
-        qp = q.reshape(P, N, K, H // K, hd)
         qr = q.reshape(R, K, H // K, hd)
-        sp = jnp.einsum("pnkgd,pskd->pnkgs", qp, c.kp[i].astype(q.dtype), preferred_element_type=jnp.float32)
+        sp = self.prompt_scores(c.kp[i], q)  # (R, K, H // K, Tp)
         sg = [jnp.einsum("rkgd,rkds->rkgs", qr, b.astype(q.dtype), preferred_element_type=jnp.float32) for b in kg]
-        kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - self.pad[:, None]  # (P, Tp)
-        kg_pos = (Tp - self.pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (P, G)
-        kp_pos = jnp.repeat(kp_pos, N, axis=0, total_repeat_length=R)
-        kg_pos = jnp.repeat(kg_pos, N, axis=0, total_repeat_length=R)
+        row_pad = self.row_pad(R)
+        kp_pos = jnp.arange(Tp, dtype=jnp.int32)[None, :] - row_pad[:, None]  # (R, Tp)
+        kg_pos = (Tp - row_pad)[:, None] + jnp.arange(G, dtype=jnp.int32)[None, :]  # (R, G)
         ok_p = gpt.attention_mask(positions, kp_pos, window)[:, 0]  # (R, Tp); positions (R, 1)
         ok_g = gpt.attention_mask(positions, kg_pos, window)[:, 0]  # (R, G)
         low = jnp.finfo(jnp.float32).min
-        scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp.reshape(R, K, H // K, Tp), low),
+        scores = jnp.concatenate([jnp.where(ok_p[:, None, None], sp, low),
                                   jnp.where(ok_g[:, None, None], jnp.concatenate(sg, axis=-1), low)],
                                  axis=-1) / math.sqrt(hd)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        pp = probs[..., :Tp].reshape(P, N, K, H // K, Tp)
-        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, c.vp[i].astype(q.dtype),
-                       preferred_element_type=jnp.float32).reshape(R, K, H // K, hd)
+        y = self.prompt_values(c.vp[i], probs[..., :Tp])
         start = Tp
         for b in vg:
             width = b.shape[2]
@@ -105,6 +93,37 @@ class SharedView:
                                preferred_element_type=jnp.float32)
             start += width
         return y.astype(q.dtype).reshape(R, 1, H, hd), (kgs, vgs)
+
+    def write(self, state, i, k, v, n_blocks):
+        """Column `col` of layer i into its block (keys (L,R,K,Dh,B), values (L,R,K,B,Dh): per layer
+        the operand layouts of the einsums, so a step writes one column in place)."""
+        kgs, vgs = state
+        last = n_blocks - 1
+        off = self.col - last * GEN_BLOCK
+        kb = stack.write_layer(kgs[last], i, jnp.transpose(k, (0, 2, 3, 1)), (0, 0, 0, off))
+        vb = stack.write_layer(vgs[last], i, jnp.transpose(v, (0, 2, 1, 3)), (0, 0, off, 0))
+        return kgs[:last] + (kb,) + kgs[n_blocks:], vgs[:last] + (vb,) + vgs[n_blocks:]
+
+    def prompt_len(self):
+        return self.c.kp[0].shape[1]  # (P, Tp, K, Dh) per layer
+
+    def row_pad(self, R):
+        return jnp.repeat(self.pad, R // self.pad.shape[0], axis=0, total_repeat_length=R)
+
+    def prompt_scores(self, kp, q):
+        """q (R,1,H,Dh) against its prompt's keys kp (P,Tp,K,Dh), read once per prompt: (R,K,H/K,Tp) f32."""
+        P, Tp, K = kp.shape[:3]
+        R, _, H, hd = q.shape
+        qp = q.reshape(P, R // P, K, H // K, hd)
+        s = jnp.einsum("pnkgd,pskd->pnkgs", qp, kp.astype(q.dtype), preferred_element_type=jnp.float32)
+        return s.reshape(R, K, H // K, Tp)
+
+    def prompt_values(self, vp, probs):
+        P, Tp = vp.shape[:2]
+        R, K, G = probs.shape[:3]
+        pp = probs.reshape(P, R // P, K, G, Tp)
+        y = jnp.einsum("pnkgs,pskd->pnkgd", pp, vp.astype(probs.dtype), preferred_element_type=jnp.float32)
+        return y.reshape(R, K, G, -1)
 
 
 def prefill(config: GPTConfig, params: Params, idx, pad, cache_len: int):
@@ -149,16 +168,21 @@ class SharedCache(NamedTuple):
 def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_tokens: int) -> SharedCache:
     """From a prefill cache of P prompts (S = Tp) to the decode state of P * num_samples rows
     (stacked arrays, or `stack.Layers` when the layers run unrolled)."""
+    R = cache.k.shape[1] * num_samples
+    return _decode_cache(config, cache, jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R),
+                         max_new_tokens)
+
+
+def _decode_cache(config, cache: KVCache, prev_emb, max_new_tokens: int) -> SharedCache:
     L, P, Tp, K, hd = cache.k.shape
-    R = P * num_samples
+    R = prev_emb.shape[0]
     widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
     kg = tuple(jnp.zeros((L, R, K, hd, w), cache.k.dtype) for w in widths)
     vg = tuple(jnp.zeros((L, R, K, w, hd), cache.k.dtype) for w in widths)
-    prev = jnp.repeat(cache.prev_emb, num_samples, axis=0, total_repeat_length=R)
     kp, vp = cache.k, cache.v
     if not stack.scan_layers(config.n_layer):
         kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
-    return SharedCache(kp, vp, kg, vg, prev)
+    return SharedCache(kp, vp, kg, vg, prev_emb)
 
 
 def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
@@ -173,6 +197,128 @@ def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: Sh
     row_pad = jnp.repeat(pad, R // P, axis=0, total_repeat_length=R)
     positions = ((Tp - row_pad) + col)[:, None].astype(jnp.int32)
     view = SharedView(cache, col, pad, gen_len)
+    x, (kg, vg), e = gpt.trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
+                               prev_emb=cache.prev_emb)
+    return gpt.logits_from_hidden(config, params, x[:, 0]), cache._replace(kg=kg, vg=vg,
+                                                                            prev_emb=e.astype(cache.prev_emb.dtype))
+
+
+
+# ------------------------------------------------------------------------------------------
+# Slots: the sampler's refill loop. Each slot holds one (prompt, sample) pair at its own column,
+# with its own copy of its prompt's keys; a slot whose pair ended is refilled with another
+# prompt's keys (copied from the prefill of all prompts), so no prompt is prefilled twice.
+
+
+class SlotCache(NamedTuple):
+    """Decode state of S slots. Every array has the leading layer axis (`stack.Layers` when unrolled)."""
+
+    kp: Any  # (L, S, K, Dh, Tp) the slot's prompt keys, in the layout of the generated blocks
+    vp: Any  # (L, S, K, Tp, Dh)
+    kg: tuple  # per block of GEN_BLOCK columns: (L, S, K, Dh, B)
+    vg: tuple  # (L, S, K, B, Dh)
+    prev_emb: jax.Array  # (S, D) pre-smear embedding of the last token (gen-2026-07)
+    pad: jax.Array  # (S,) int32; left padding of the slot's prompt
+
+
+class Prompts(NamedTuple):
+    """The prefill of every prompt of a call, in the slot layout, where refills copy from."""
+
+    k: jax.Array  # (L, P, K, Dh, Tp)
+    v: jax.Array  # (L, P, K, Tp, Dh)
+    prev_emb: jax.Array  # (P, D)
+    pad: jax.Array  # (P,)
+
+
+def prefill_prompts(config: GPTConfig, params: Params, idx, pad, chunk: int):
+    """Prefill P left-padded prompts (P,T), `chunk` prompts at a time (a lax.map over chunks, so
+    the activations are those of `chunk` prompts; the last chunk repeats prompt 0). Returns
+    (logits (P,V) f32 at each prompt's last slot, Prompts)."""
+    P, T = idx.shape
+    n = -(-P // chunk)
+    if n == 1:
+        logits, c = prefill(config, params, idx, pad, T)
+    else:
+        ids = jnp.concatenate([idx, jnp.broadcast_to(idx[:1], (n * chunk - P, T))]).reshape(n, chunk, T)
+        pads = jnp.concatenate([pad, jnp.broadcast_to(pad[:1], (n * chunk - P,))]).reshape(n, chunk)
+        logits, c = jax.lax.map(lambda a: prefill(config, params, a[0], a[1], T), (ids, pads))
+        rows = lambda a, axis: jnp.moveaxis(a, 0, axis).reshape(  # noqa: E731  ((n, ..., chunk, ...) -> (..., P, ...))
+            *a.shape[1:axis + 1], n * chunk, *a.shape[axis + 2:])[(slice(None),) * axis + (slice(0, P),)]
+        logits, c = rows(logits, 0), KVCache(rows(c.k, 1), rows(c.v, 1), rows(c.prev_emb, 0))
+    return logits, Prompts(jnp.transpose(c.k, (0, 1, 3, 4, 2)), jnp.transpose(c.v, (0, 1, 3, 2, 4)), c.prev_emb,
+                           pad.astype(jnp.int32))
+
+
+def slot_cache(config: GPTConfig, prompts: Prompts, prompt, max_new_tokens: int) -> SlotCache:
+    """The decode state of len(prompt) slots, slot r starting on prompt `prompt[r]`."""
+    L, _, K, hd, Tp = prompts.k.shape
+    S = prompt.shape[0]
+    widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
+    kg = tuple(jnp.zeros((L, S, K, hd, w), prompts.k.dtype) for w in widths)
+    vg = tuple(jnp.zeros((L, S, K, w, hd), prompts.k.dtype) for w in widths)
+    kp, vp = prompts.k[:, prompt], prompts.v[:, prompt]
+    if not stack.scan_layers(config.n_layer):
+        kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
+    return SlotCache(kp, vp, kg, vg, prompts.prev_emb[prompt], prompts.pad[prompt])
+
+
+def refill_slots(prompts: Prompts, cache: SlotCache, slots, prompt) -> SlotCache:
+    """Slots `slots` (F,) take prompts `prompt` (F,): their prompt keys, padding and last embedding
+    are copied from `prompts` (a slot index >= S is skipped). Their generated columns are left as
+    they are: a column past a slot's own is masked by position, and each is written before read."""
+    def put(a, src):  # a (L, S, ...) or Layers; src (L, P, ...)
+        if isinstance(a, stack.Layers):
+            return stack.Layers(x.at[slots].set(src[i, prompt].astype(x.dtype), mode="drop")
+                                for i, x in enumerate(a.arrays))
+        return a.at[:, slots].set(src[:, prompt].astype(a.dtype), mode="drop")
+
+    return cache._replace(kp=put(cache.kp, prompts.k), vp=put(cache.vp, prompts.v),
+                          prev_emb=cache.prev_emb.at[slots].set(prompts.prev_emb[prompt].astype(cache.prev_emb.dtype),
+                                                                mode="drop"),
+                          pad=cache.pad.at[slots].set(prompts.pad[prompt], mode="drop"))
+
+
+class SlotView(SharedView):
+    """Decode for slots, slot r at its own column col[r]: reads its own prompt keys (same layout as
+    a generated block) and its own generated columns; column col[r] is written into whichever
+    block holds it. Columns past a slot's own are masked by position."""
+
+    def __init__(self, cache: SlotCache, col, gen_len: int):
+        super().__init__(cache, col, cache.pad, gen_len)
+
+    def write(self, state, i, k, v, n_blocks):
+        kgs, vgs = list(state[0]), list(state[1])
+        rows = jnp.arange(k.shape[0])
+        for b in range(n_blocks):
+            width = kgs[b][i].shape[-1]
+            off = self.col - b * GEN_BLOCK
+            off = jnp.where((off >= 0) & (off < width), off, width)  # elsewhere: out of range, dropped
+            kgs[b] = stack.scatter_layer(kgs[b], i, (rows, slice(None), slice(None), off), k[:, 0])
+            vgs[b] = stack.scatter_layer(vgs[b], i, (rows, slice(None), off, slice(None)), v[:, 0])
+        return tuple(kgs), tuple(vgs)
+
+    def prompt_len(self):
+        return self.c.kp[0].shape[-1]  # (S, K, Dh, Tp) per layer
+
+    def row_pad(self, R):
+        return self.pad
+
+    def prompt_scores(self, kp, q):
+        R, _, H, hd = q.shape
+        K = kp.shape[1]
+        return jnp.einsum("rkgd,rkds->rkgs", q.reshape(R, K, H // K, hd), kp.astype(q.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def prompt_values(self, vp, probs):
+        return jnp.einsum("rkgs,rksd->rkgd", probs, vp.astype(probs.dtype), preferred_element_type=jnp.float32)
+
+
+def decode_slots(config: GPTConfig, params: Params, tokens, col, cache: SlotCache, gen_len: int):
+    """One token per slot, slot r at its own generated column col[r]: tokens, col (S,). Reads
+    generated columns [0, gen_len) (static; more than the largest col). Returns (logits (S,V) f32, cache)."""
+    Tp = cache.kp[0].shape[-1]
+    positions = ((Tp - cache.pad) + col)[:, None].astype(jnp.int32)
+    view = SlotView(cache, col, gen_len)
     x, (kg, vg), e = gpt.trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
                                prev_emb=cache.prev_emb)
     return gpt.logits_from_hidden(config, params, x[:, 0]), cache._replace(kg=kg, vg=vg,

@@ -29,6 +29,8 @@ class RoundResult:
     ended: np.ndarray  # (R,) bool: the row emitted <|assistant_end|>/<|bos|> before max_new_tokens
     gen_tokens: int
     seconds: float
+    row_steps: int = 0  # decode steps x rows decoded in each, over every sampler call of the round
+    slot_utilization: float = 0.0  # gen_tokens / row_steps: the share of decoded rows that kept a token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SamplingArgs:
 
 
 def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, tool, step: int, mesh=None,
-              chunk: int | None = None, same_keys_per_question: bool = False) -> RoundResult:
+              chunk: int | None = None, same_keys_per_question: bool = False, slots: int | None = None) -> RoundResult:
     """Sample `args.num_samples` completions for each of `task`'s questions `indices` and score them
     with the task's reward.
 
@@ -49,6 +51,7 @@ def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, t
     questions); training passes all questions of a step at once. `same_keys_per_question` gives
     every question the same sampling keys, as nanochat's pass@k seeds its generator with 42 for
     every question (docs/nanochat.md#evaluation); training keys always differ per question.
+    `slots`: the sampler's slots per device (None: its default for the device kind).
     """
     t0 = time.perf_counter()
     specials = SpecialIds.from_tokenizer(tokenizer)
@@ -56,14 +59,15 @@ def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, t
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     chunk = chunk or len(prompts)
     N = args.num_samples
-    seqs, masks, logps, ended, gen_tokens = [], [], [], [], 0
+    seqs, masks, logps, ended, gen_tokens, row_steps = [], [], [], [], 0, 0
     for a in range(0, len(prompts), chunk):
-        part = prompts[a: a + chunk]
+        part, stats = prompts[a: a + chunk], {}
         ro, _ = sampler.sample(config, params, part, num_samples=N, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, tool=tool,
                                specials=specials, step=step,
                                example_ids=[0 if same_keys_per_question else int(i) for i in indices[a: a + chunk]],
-                               mesh=mesh)
+                               mesh=mesh, slots=slots, stats=stats)
+        row_steps += stats["row_steps"]
         s, m = sampler.assemble(part, ro, N)
         for q in range(len(part)):
             seqs += s[q]
@@ -78,7 +82,8 @@ def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, t
         q = r // N
         rewards[r] = task.reward(conversations[q], tokenizer.decode(seq[len(prompts[q]):]))
     return RoundResult(seqs, masks, rewards, (rewards > 0).reshape(-1, N), [len(p) for p in prompts], logps,
-                       np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0)
+                       np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0, row_steps,
+                       gen_tokens / max(row_steps, 1))
 
 
 def check_prompt_lengths(config, tokenizer, task, num_questions: int, max_new_tokens: int, what: str) -> None:
@@ -111,17 +116,21 @@ def make_batch(result: RoundResult, num_samples: int, pad_id: int, *, advantage:
 # pass@k
 
 
+EVAL_ROWS = 4096  # (question, sample) rows per sampler call of an evaluation; the slots refill within a call
+
+
 def eval_row(config, params, tokenizer, task, *, num_examples: int, args: SamplingArgs, tool, mesh, step: int,
-             phase: str, shared_keys: bool) -> dict:
+             phase: str, shared_keys: bool, slots: int | None = None) -> dict:
     """One eval metrics row: nanochat's pass@k (first k) plus unbiased pass@k with 95% bounds on the
     first `num_examples` questions of `task`, each process sampling its share on `mesh` (its own
     devices) and every process getting the whole row."""
     n = min(num_examples, len(task))
     res = run_round(config, params, tokenizer=tokenizer, task=task, indices=distributed.process_share(np.arange(n)),
-                    args=args, tool=tool, step=0, mesh=mesh, chunk=max(1, 512 // args.num_samples),
-                    same_keys_per_question=shared_keys)
+                    args=args, tool=tool, step=0, mesh=mesh, chunk=max(1, EVAL_ROWS // args.num_samples),
+                    same_keys_per_question=shared_keys, slots=slots)
     correct = distributed.gather_rows(res.correct)
-    row = {"step": step, "event": "eval", "phase": phase, "eval_examples": int(correct.shape[0])}
+    row = {"step": step, "event": "eval", "phase": phase, "eval_examples": int(correct.shape[0]),
+           "slot_utilization": distributed.sum_scalar(res.gen_tokens) / max(distributed.sum_scalar(res.row_steps), 1)}
     row.update(pass_at_k_row(correct))
     return row
 

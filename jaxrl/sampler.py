@@ -41,6 +41,8 @@ from jaxrl.tokenizer import SpecialIds  # the one record of the special ids (pla
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few compilations per run
 PHASE = decode.GEN_BLOCK  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
 COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
+REFILL_DIVISOR = 8  # a step refills at most slots // 8 slots (a fixed-size copy of prompt keys); others wait a step
+SLOTS_PER_DEVICE = {"cpu": 128, "gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}  # see default_slots
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
 
 
@@ -57,6 +59,7 @@ class SampleSpec:
     specials: SpecialIds
     pad_id: int  # written where a row has ended (nanochat pads with <|assistant_end|>)
     compact_rows: int = 0  # once at most this many local rows are still running, decode only them (0: never)
+    slots: int = 0  # decode this many local rows at a time, refilling each as it ends (0: all rows at once)
 
 
 class Rollout(NamedTuple):
@@ -78,13 +81,15 @@ class ToolBridge:
         self.calls = 0  # expressions evaluated (for the tool-overhead benchmark)
 
     def __call__(self, tokens, expr_start, n, need):
+        """tokens (R, M) of each row so far; a row's expression is tokens[r, expr_start[r]:n[r]] (`n`,
+        the column of its python_end, is one int for every row or one per row) where need[r]."""
         tokens, expr_start, need = np.asarray(tokens), np.asarray(expr_start), np.asarray(need)
-        n = int(n)
+        n = np.broadcast_to(np.asarray(n), need.shape)
         queue = np.zeros((tokens.shape[0], self.queue_len), np.int32)
         qlen = np.zeros((tokens.shape[0],), np.int32)
         for r in np.flatnonzero(need):
             self.calls += 1
-            result = self.calculator(self.tokenizer.decode(tokens[r, expr_start[r]:n].tolist()))
+            result = self.calculator(self.tokenizer.decode(tokens[r, expr_start[r]:n[r]].tolist()))
             if result is None:
                 continue
             forced = [self.specials.output_start, *self.tokenizer.encode(str(result)), self.specials.output_end]
@@ -173,8 +178,11 @@ def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperat
                      expr_start=expr_start, queue=queue, qlen=qlen, qhead=qhead)
 
 
-def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_ids, seed, temperature) -> Rollout:
-    """Rollouts for left-padded local prompts (P,T) with padding (P,); row_ids (P,N,3) = (step, example, sample)."""
+def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_ids, live, seed, temperature):
+    """Rollouts for left-padded local prompts (P,T) with padding (P,); row_ids (P,N,3) = (step, example, sample);
+    live (P,) bool, False for the dummy prompts that pad the last device (their rows are not decoded).
+
+    Returns (Rollout of the P * N rows, (2,) int32: decode steps, and those steps x rows decoded in each)."""
     TRACE_COUNTS["rollout"] = TRACE_COUNTS.get("rollout", 0) + 1
     P, T = prompt_ids.shape
     N, M = spec.num_samples, spec.max_new_tokens
@@ -182,9 +190,6 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     # every use casts weights to the compute dtype anyway: do it once, not in every decode step
     params = jax.tree.map(lambda p: p.astype(config.dtype), params)
     params = stack.for_loop(config, params)  # unrolled layers: split once, not in every decode step
-    logits, cache = decode.prefill(config, params, prompt_ids, pad, T)
-    cache = decode.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
-    rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
     base = jax.random.key(seed)
 
     def key_of(ids):
@@ -196,15 +201,21 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
     zeros_f = jnp.zeros((R, M), jnp.float32)
     out = Rollout(jnp.full((R, M), spec.pad_id, jnp.int32), jnp.zeros((R, M), jnp.int32), zeros_f, zeros_f,
                   jnp.zeros((R,), jnp.int32))
+    if spec.slots:
+        return _rollout_slots(config, spec, tool, params, prompt_ids, pad, row_keys, first_keys, temperature, out,
+                              jnp.sum(live) * N)
+    logits, cache = decode.prefill(config, params, prompt_ids, pad, T)
+    cache = decode.shared_cache(config, cache, N, M)  # the prompt's keys stay shared by its samples
+    rep = functools.partial(jnp.repeat, repeats=N, total_repeat_length=R)
     zi = jnp.zeros((R,), jnp.int32)
-    state = _State(n=jnp.int32(0), out=out, done=jnp.zeros((R,), bool), pad=pad.astype(jnp.int32),
+    state = _State(n=jnp.int32(0), out=out, done=~rep(live), pad=pad.astype(jnp.int32),
                    logits=rep(logits, axis=0), cache=cache, in_py=jnp.zeros((R,), bool), expr_start=zi,
                    queue=jnp.zeros((R, spec.queue_len), jnp.int32), qlen=zi, qhead=zi)
     C = spec.compact_rows
     running = (lambda s: jnp.sum(~s.done) > C) if C else (lambda s: True)
     state = _phases(config, spec, tool, params, row_keys, first_keys, temperature, state, running)
     if not C:
-        return state.out
+        return state.out, jnp.stack([state.n, state.n * R])
 
     def compact_rest(state):
         """Decode the rows still running (at most C) in a C-row state, then scatter them back."""
@@ -220,10 +231,11 @@ def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
                                      tuple(rows(b, idx) for b in c.vg), c.prev_emb[idx]))
         small = _phases(config, spec, tool, params, row_keys[idx], first_keys[idx], temperature, small,
                         lambda s: True)  # each row now has its own copy of its prompt's keys (N = 1)
-        return state.replace(out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
+        return state.replace(n=small.n, out=jax.tree.map(lambda a, b: a.at[idx].set(b), state.out, small.out))
 
     unfinished = (state.n < M) & ~jnp.all(state.done)
-    return jax.lax.cond(unfinished, compact_rest, lambda s: s, state).out
+    final = jax.lax.cond(unfinished, compact_rest, lambda s: s, state)
+    return final.out, jnp.stack([final.n, state.n * R + (final.n - state.n) * C])
 
 
 def _phases(config, spec, tool, params, row_keys, first_keys, temperature, state, running):
@@ -235,12 +247,127 @@ def _phases(config, spec, tool, params, row_keys, first_keys, temperature, state
     return state
 
 
+@struct.dataclass
+class _Slots:
+    """The refill loop's carry: S slots, each decoding one (prompt, sample) pair of the R = P * N
+    local pairs at its own column; pairs are handed out in order, `next` is the first not started."""
+
+    out: Rollout  # (R, M) per pair
+    pair: jax.Array  # (S,) int32; the pair a slot decodes (R: idle, nothing left to hand out)
+    col: jax.Array  # (S,) int32; the column the slot generates next
+    next: jax.Array  # () int32
+    end: jax.Array  # () int32; pairs from here on are not handed out (the dummy prompts')
+    steps: jax.Array  # () int32; decode steps so far
+    logits: jax.Array  # (S, V) f32
+    cache: decode.SlotCache  # per slot: its prompt's keys, its generated keys
+    in_py: jax.Array  # (S,) bool
+    expr_start: jax.Array  # (S,) int32
+    queue: jax.Array  # (S, Q) int32
+    qlen: jax.Array  # (S,) int32
+    qhead: jax.Array  # (S,) int32
+
+
+def _rollout_slots(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_keys, first_keys, temperature,
+                   out: Rollout, live_pairs):
+    """Decode the R = P * N local pairs in `spec.slots` slots. All P prompts are prefilled up front,
+    `slots` prompts at a time; a slot whose pair ends (terminal token or last column) takes the next
+    pair at the end of the same step: its prompt's keys are copied in from that prefill, its first
+    logits are its prompt's prefill logits, and its keys are its pair's, so every pair's tokens are
+    those of the all-rows loop. At most REFILL_DIVISOR-th of the slots are refilled per step (a
+    fixed-size copy); others wait a step. Pairs from `live_pairs` on (the dummy prompts') are never
+    handed out."""
+    P, T = prompt_ids.shape
+    N, M, S = spec.num_samples, spec.max_new_tokens, spec.slots
+    R = P * N
+    logits0, prompts = decode.prefill_prompts(config, params, prompt_ids, pad, S)
+    pair = jnp.arange(S, dtype=jnp.int32)
+    zi = jnp.zeros((S,), jnp.int32)
+    state = _Slots(out=out, pair=jnp.where(pair < live_pairs, pair, R), col=zi, next=jnp.int32(S),
+                   end=live_pairs.astype(jnp.int32), steps=jnp.int32(0), logits=logits0[pair // N],
+                   cache=decode.slot_cache(config, prompts, pair // N, M), in_py=jnp.zeros((S,), bool),
+                   expr_start=zi, queue=jnp.zeros((S, spec.queue_len), jnp.int32), qlen=zi, qhead=zi)
+    busy = lambda s: s.pair < R  # noqa: E731  (idle slots hold pair R)
+    top = lambda s: jnp.max(jnp.where(busy(s), s.col, 0))  # noqa: E731  (the furthest column a slot writes)
+
+    refill = functools.partial(_refill, spec, (logits0, prompts))
+    work = lambda s: jnp.any(busy(s)) | (s.next < s.end)  # noqa: E731
+
+    def phase(end):  # refill free slots and decode, while no slot needs a generated column at or past `end`
+        step = functools.partial(_slot_step, config, spec, tool, params, row_keys, first_keys, temperature, end)
+        return lambda s: jax.lax.while_loop(lambda s: work(s) & (top(s) < end), lambda s: step(refill(s)), s)
+
+    phases = [phase(min(end, M)) for end in range(PHASE, M + PHASE, PHASE)]
+    state = jax.lax.while_loop(work, lambda s: jax.lax.switch(top(s) // PHASE, phases, s), state)
+    return state.out, jnp.stack([state.steps, state.steps * S])
+
+
+def _slot_step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len,
+               s: _Slots) -> _Slots:
+    sp = spec.specials
+    R, M = row_keys.shape[0], spec.max_new_tokens
+    busy = s.pair < R
+    pair = jnp.minimum(s.pair, R - 1)
+    fold = jax.vmap(jax.random.fold_in)
+    keys = fold(row_keys[pair], s.col)
+    if spec.shared_first_token:
+        first = fold(first_keys[pair], s.col)
+        keys = jax.random.wrap_key_data(jnp.where((s.col == 0)[:, None], jax.random.key_data(first),
+                                                  jax.random.key_data(keys)))
+    sampled, lp, slp = sample_tokens(s.logits, keys, temperature, spec)
+    forced = s.qhead < s.qlen
+    tok = jnp.where(forced, jnp.take_along_axis(s.queue, jnp.minimum(s.qhead, spec.queue_len - 1)[:, None], 1)[:, 0], sampled)
+    ends = (tok == sp.assistant_end) | (tok == sp.bos)
+    keep = busy & ~ends
+    m = keep & ~forced
+    dst = jnp.where(keep, s.pair, R)  # row R does not exist: the write is dropped
+    put = lambda a, v: a.at[dst, s.col].set(v, mode="drop")  # noqa: E731
+    out = Rollout(put(s.out.tokens, tok), put(s.out.mask, m.astype(jnp.int32)), put(s.out.logp, jnp.where(m, lp, 0.0)),
+                  put(s.out.sample_logp, jnp.where(m, slp, 0.0)), s.out.length.at[dst].add(1, mode="drop"))
+    starts = keep & (tok == sp.python_start)
+    closes = keep & (tok == sp.python_end) & s.in_py
+    need = closes & (s.col > s.expr_start)
+    in_py = jnp.where(starts, True, jnp.where(closes, False, s.in_py))
+    expr_start = jnp.where(starts, s.col + 1, s.expr_start)
+    queue, qlen, qhead = s.queue, s.qlen, s.qhead + forced.astype(jnp.int32)
+    if tool is not None:
+        def call_host(args):
+            q, ql, qh = args
+            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
+            nq, nql = jax.pure_callback(tool, shapes, out.tokens[pair], s.expr_start, s.col, need,
+                                        vmap_method="sequential")
+            return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
+
+        queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
+    logits, cache = decode.decode_slots(config, params, tok, s.col, s.cache, gen_len)
+    done = busy & (ends | (s.col + 1 >= M))  # the pair ended (terminal token or last column): the slot is free
+    return s.replace(out=out, pair=jnp.where(done, R, s.pair), col=s.col + 1, steps=s.steps + 1, logits=logits,
+                     cache=cache, in_py=in_py, expr_start=expr_start, queue=queue, qlen=qlen, qhead=qhead)
+
+
+def _refill(spec: SampleSpec, fresh, s: _Slots) -> _Slots:
+    """Up to slots // REFILL_DIVISOR free slots take the next pairs in order (before the step that
+    decodes them, so the copy of their prompt keys is written before it is read)."""
+    S, N = s.pair.shape[0], spec.num_samples
+    R = s.out.length.shape[0]
+    F = max(1, S // REFILL_DIVISOR)
+    slots = jnp.nonzero(s.pair >= R, size=F, fill_value=S)[0]  # slot index S: none, every write to it dropped
+    new = s.next + jnp.arange(F, dtype=jnp.int32)
+    slots = jnp.where(new < s.end, slots, S)
+    prompt = jnp.minimum(new, R - 1) // N
+    logits0, prompts = fresh
+    at = lambda a, v: a.at[slots].set(v, mode="drop")  # noqa: E731
+    return s.replace(pair=at(s.pair, new), col=at(s.col, 0), next=s.next + jnp.sum(slots < S, dtype=jnp.int32),
+                     logits=at(s.logits, logits0[prompt]), cache=decode.refill_slots(prompts, s.cache, slots, prompt),
+                     in_py=at(s.in_py, False), expr_start=at(s.expr_start, 0), qlen=at(s.qlen, 0),
+                     qhead=at(s.qhead, 0))
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(config, spec, tool, mesh):
     f = functools.partial(_rollout_local, config, spec, tool)
     if mesh is not None and sharding.row_shards(mesh) > 1:
         rows, rep = sharding.rows_spec(), sharding.replicated_spec()
-        f = sharding.shard_map(f, mesh, in_specs=(rep, rows, rows, rows, rep, rep), out_specs=rows)
+        f = sharding.shard_map(f, mesh, in_specs=(rep, rows, rows, rows, rows, rep, rep), out_specs=rows)
     return jax.jit(f)
 
 
@@ -284,22 +411,38 @@ def left_pad(prompts, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0,
-           tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None,
-           compact: bool = True) -> tuple[Rollout, np.ndarray]:
+           tool=None, specials: SpecialIds, step=0, example_ids=None, mesh=None, compact: bool = True,
+           slots: int | None = None, stats: dict | None = None) -> tuple[Rollout, np.ndarray]:
     """Run all rollouts for `prompts` (list of token-id lists) in one jitted call.
 
     Rows are ordered prompt-major (row = prompt * num_samples + sample). `example_ids` (default
     0..P-1) and `step` feed the per-row keys, so the same (seed, step, example, sample) always gives
-    the same completion. With `compact`, once at most 1/COMPACT_DIVISOR of a device's rows are
-    still running, the rest of the loop decodes only those (same tokens, fewer rows per step).
+    the same completion. `slots` (per device; None: `default_slots()`, 0: all rows at once): when a
+    device has more rows than slots, it decodes `slots` rows at a time and a row that ends hands its
+    slot to the next row in the same step. Otherwise all rows decode together and, with `compact`,
+    once at most 1/COMPACT_DIVISOR of a device's rows are still running, the rest of the loop
+    decodes only those. Both give the same tokens. `stats`, if given, receives `decode_steps` (the
+    most of any device), `row_steps` (decode steps x rows decoded in each, summed over devices) and
+    `slot_utilization` (kept tokens / row_steps).
     Returns (Rollout as numpy, prompt lengths (P,)).
     """
     fn, inputs = rollout_call(config, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials,
-                              step=step, example_ids=example_ids, mesh=mesh, compact=compact)
+                              step=step, example_ids=example_ids, mesh=mesh, compact=compact, slots=slots)
     rows = len(prompts) * num_samples
-    out = jax.tree.map(lambda a: np.asarray(a)[:rows], fn(params, *inputs))
-    return Rollout(*out), np.array([len(p) for p in prompts], np.int32)
+    out, steps = fn(params, *inputs)
+    out = Rollout(*jax.tree.map(lambda a: np.asarray(a)[:rows], out))
+    if stats is not None:
+        steps = np.asarray(steps, np.int64).reshape(-1, 2)
+        stats["decode_steps"], stats["row_steps"] = int(steps[:, 0].max()), int(steps[:, 1].sum())
+        stats["slot_utilization"] = float(out.length.sum()) / max(stats["row_steps"], 1)
+    return out, np.array([len(p) for p in prompts], np.int32)
+
+
+def default_slots(platform: str | None = None) -> int:
+    """Slots per device when a caller does not say: SLOTS_PER_DEVICE of the platform (default:
+    jax's default backend), 0 (all rows at once) on an unknown one."""
+    return SLOTS_PER_DEVICE.get(platform or jax.default_backend(), 0)
 
 
 def sample_split(prompts: int, num_samples: int, n_dev: int) -> int:
@@ -312,7 +455,8 @@ def sample_split(prompts: int, num_samples: int, n_dev: int) -> int:
 
 
 def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=0, tool=None,
-                 specials: SpecialIds, step=0, example_ids=None, mesh=None, compact: bool = True):
+                 specials: SpecialIds, step=0, example_ids=None, mesh=None, compact: bool = True,
+                 slots: int | None = None):
     """What `sample` runs, without running it: (the jitted rollout function, its inputs after params).
 
     `fn(params, *inputs)` is the call; `fn.lower(params, *inputs)` (params may be abstract,
@@ -332,11 +476,17 @@ def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.
     row_ids[:, :, 2] = (np.arange(P_pad) % split)[:, None] * N + np.arange(N)[None]
     top_k = 0 if not top_k else min(int(top_k), config.vocab_size)
     local_rows = P_pad * N // n_dev
+    slots = default_slots() if slots is None else slots
+    if slots < 0:
+        raise ValueError(f"slots must be >= 0 (0: all rows at once), found {slots}")
+    slots = slots if 0 < slots < local_rows else 0
     spec = SampleSpec(N, max_new_tokens, top_k, temperature == 0,
                       config.generation == "gen-2025-10" and temperature > 0,
                       tool.queue_len if tool is not None else 1, specials, specials.assistant_end,
-                      local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0)
-    return _compiled(config, spec, tool, mesh), (ids, pad, row_ids, jnp.uint32(seed),
+                      local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0,
+                      slots)
+    live = np.arange(P_pad) < P * split  # dummy prompts (padding the last device) are not decoded
+    return _compiled(config, spec, tool, mesh), (ids, pad, row_ids, live, jnp.uint32(seed),
                                                  jnp.float32(max(temperature, 1e-6)))
 
 

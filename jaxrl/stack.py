@@ -90,6 +90,15 @@ def write_layer(a, i, update, start: tuple):
     return jax.lax.dynamic_update_slice(a, update[None].astype(a.dtype), (i, *start))
 
 
+def scatter_layer(a, i, index: tuple, update):
+    """`a` with `a[i][index] = update` (numpy indexing; out-of-range indices are dropped), in place:
+    a scatter into the stack, or into layer i's own array in `Layers`."""
+    if _is_layers(a):
+        new = a[i].at[index].set(update.astype(a[i].dtype), mode="drop")
+        return Layers(a.arrays[:i] + (new,) + a.arrays[i + 1:])
+    return a.at[(i, *index)].set(update.astype(a.dtype), mode="drop")
+
+
 def map_layers(fn: Callable, a):
     """fn applied to each layer's array: `Layers` of the results, or their stack for an array."""
     if _is_layers(a):

@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--independent-keys", action="store_true",
                    help="independent sampling keys per question (default: the same keys for every question, as "
                         "nanochat's seed 42; its first-sample pass@1 then swings with the seed: see docs/demo.md)")
-    p.add_argument("--batch-rows", type=int, default=512, help="rows (questions x samples) per sampler call")
+    p.add_argument("--batch-rows", type=int, default=4096, help="rows (questions x samples) per sampler call: "
+                   "all their prompts are prefilled and kept for the call (memory grows with it)")
+    p.add_argument("--slots", type=int, default=None, help="rows each device decodes at once, a finished row's slot "
+                   "going to the next (default: per device kind, jaxrl.sampler.SLOTS_PER_DEVICE; 0: all at once)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--generation", default=None, choices=GENERATIONS, help="nanochat generation, when it cannot "
                    "be detected")
@@ -105,11 +108,13 @@ tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
 sampling = rollout.SamplingArgs(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.seed)
 chunk = max(1, min(n, args.batch_rows // args.num_samples))
 order = np.arange(-(-n // chunk) * chunk) % n
-correct, t0 = [], time.perf_counter()
+correct, gen_tokens, row_steps, t0 = [], 0, 0, time.perf_counter()
 for a in tqdm(range(0, len(order), chunk), desc="eval", unit="chunk", file=sys.stderr):
     res = rollout.run_round(config, params, tokenizer=tokenizer, task=task, indices=order[a: a + chunk], args=sampling,
-                            tool=tool, step=0, mesh=mesh, same_keys_per_question=not args.independent_keys)
+                            tool=tool, step=0, mesh=mesh, same_keys_per_question=not args.independent_keys,
+                            slots=args.slots)
     correct.append(res.correct)
+    gen_tokens, row_steps = gen_tokens + res.gen_tokens, row_steps + res.row_steps
 correct = np.concatenate(correct)[:n]
 seconds = time.perf_counter() - t0
 
@@ -122,6 +127,8 @@ for k in range(1, args.num_samples + 1):
     mean, lo, hi = unbiased[f"pass@{k}"]
     print(f"Pass@{k}: {first[f'pass@{k}']:.4f} | unbiased {mean:.4f} [{lo:.4f}, {hi:.4f}]")
 print(f"mean per-sample accuracy {correct.mean():.4f} over {n} questions in {seconds:.1f}s")
+print(f"slot utilization {gen_tokens / max(row_steps, 1):.3f} ({gen_tokens} kept tokens / {row_steps} decoded rows)",
+      file=sys.stderr)
 if args.json:
     out = {"checkpoint": str(args.checkpoint), "generation": config.generation, "task": args.task,
            "data_dir": args.data_dir, "split": args.split, "num_examples": n, "num_samples": args.num_samples,
@@ -129,6 +136,7 @@ if args.json:
            "seed": args.seed, "independent_keys": args.independent_keys, "dtype": args.dtype, **first,
            "unbiased": {k: {"mean": m, "lo": lo, "hi": hi} for k, (m, lo, hi) in unbiased.items()},
            "mean_sample_accuracy": float(correct.mean()), "seconds": round(seconds, 1),
+           "gen_tokens": gen_tokens, "row_steps": row_steps, "slot_utilization": gen_tokens / max(row_steps, 1),
            "per_question": [{"index": i, "question": task[i]["messages"][0]["content"], "correct": int(c.sum()),
                              "first_correct": bool(c[0]), "samples": [bool(x) for x in c]}
                             for i, c in enumerate(correct)]}

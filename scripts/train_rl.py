@@ -208,7 +208,7 @@ def evaluate(step: int):
     """nanochat's pass@k (first k of n) on the first eval_examples test questions, plus unbiased pass@k."""
     row = rollout.eval_row(model_config, local_view(params, rollout=True), tokenizer, test_task,
                            num_examples=cfg.eval_examples, args=eval_args, tool=tool, mesh=local_mesh, step=step,
-                           phase="rl", shared_keys=cfg.eval_shared_keys)
+                           phase="rl", shared_keys=cfg.eval_shared_keys, slots=cfg.rollout_slots)
     writer.log(row)
     print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {row[f'pass@{k}']:.4f}" for k in range(1, eval_n + 1)))
     return row
@@ -247,7 +247,8 @@ for step in bar:
     questions = np.array([(first + j) % len(train_task) for j in range(cfg.examples_per_step)])
     mine = distributed.process_share(questions)
     res = rollout.run_round(model_config, local_view(params, rollout=True), tokenizer=tokenizer, task=train_task,
-                            indices=mine, args=train_args, tool=tool, step=step, mesh=local_mesh)
+                            indices=mine, args=train_args, tool=tool, step=step, mesh=local_mesh,
+                            slots=cfg.rollout_slots)
     t_reward = time.perf_counter()
     batch = rollout.make_batch(res, cfg.num_samples, specials.assistant_end, advantage=cfg.advantage,
                                train_on_end_token=cfg.train_on_end_token, end_id=specials.assistant_end)

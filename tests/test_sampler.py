@@ -6,6 +6,7 @@ Golden checks read nanochat's own outputs from ../shared/fixtures (golden_engine
 generation). The statistical comparison with nanochat's Engine over 500 questions (pass@k, paired
 per question) is tests/test_eval.py::test_paired_against_nanochat_engine, through scripts/eval_rl.py.
 """
+import dataclasses
 import functools
 import itertools
 import json
@@ -161,10 +162,12 @@ def test_scripted_tool_use_golden(generation, monkeypatch, fresh_traces):
 
 def patch_fake_model(monkeypatch, table):
     """The model as the sampler calls it (stack.for_loop, decode.prefill, decode.shared_cache,
-    decode.decode_shared) becomes one whose only choice for row r at column n is table[r, n].
+    decode.decode_shared; with slots decode.prefill_prompts, slot_cache, refill_slots, decode_slots)
+    becomes one whose only choice for row r at column n is table[r, n].
 
-    Rows are the prompts (num_samples=1); the "cache" is the row id. Returns the list of token
-    columns fed back to the model, one per executed loop step.
+    Rows are the prompts (num_samples=1); the "cache" is the row id (with slots: each slot's row).
+    Returns the list of what was fed back to the model, one entry per executed loop step: the
+    token column, or with slots (rows, columns, tokens) of the slots.
     """
     width, fed = table.shape[1], []
 
@@ -180,6 +183,16 @@ def patch_fake_model(monkeypatch, table):
         jax.debug.callback(lambda t: fed.append(np.asarray(t)), tokens, ordered=True)
         return logits_at(config, rows, col + 1), rows
 
+    def decode_slots(config, params, tokens, col, rows, gen_len):
+        jax.debug.callback(lambda *a: fed.append(tuple(map(np.asarray, a))), rows, col, tokens, ordered=True)
+        return logits_at(config, rows, col + 1), rows
+
+    monkeypatch.setattr(decode, "prefill_prompts", lambda config, params, idx, pad, chunk: prefill(config, params, idx,
+                                                                                                  pad, idx.shape[1]))
+    monkeypatch.setattr(decode, "slot_cache", lambda config, rows, prompt, max_new_tokens: prompt)
+    monkeypatch.setattr(decode, "refill_slots", lambda rows, cache, slots, prompt: cache.at[slots].set(prompt,
+                                                                                                        mode="drop"))
+    monkeypatch.setattr(decode, "decode_slots", decode_slots)
     monkeypatch.setattr(stack, "for_loop", lambda config, params: params)
     monkeypatch.setattr(decode, "prefill", prefill)
     monkeypatch.setattr(decode, "shared_cache", lambda config, rows, num_samples, max_new_tokens: rows)
@@ -187,12 +200,14 @@ def patch_fake_model(monkeypatch, table):
     return fed
 
 
-def test_tool_state_machine_fake_model(monkeypatch, fresh_traces):
+@pytest.mark.parametrize("slots", [0, 2])
+def test_tool_state_machine_fake_model(monkeypatch, fresh_traces, slots):
     """Generation-independent state machine on a fake model whose greedy choices follow a script.
 
     Checks forced tokens (mask 0, fed back to the model), a None result (nothing forced, the
     model's own <|output_start|> is sampled), stray/nested/empty python blocks, both terminals,
-    early exit of the loop, and max_new_tokens counting forced tokens.
+    early exit of the loop, and max_new_tokens counting forced tokens; with 2 slots for 5 rows,
+    that a refilled slot starts its new row with a clean tool state.
     """
     tok, sp = tokenizer(), tokenizer().specials
     enc, junk = tok.encode, tok.encode("Z")[0]  # the fake model's choice on forced steps (discarded)
@@ -200,6 +215,9 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces):
     rows = [  # ([("model"|"forced", ids)], terminal)
         ([("model", enc(" x") + [ps] + enc("2*3") + [pe]), ("forced", [os_, *enc("6"), oe]), ("model", enc(" done"))],
          sp.assistant_end),
+        # ends inside a python block; with slots, the next row takes its slot and must start outside one
+        ([("model", [ps] + enc("7*8"))], sp.assistant_end),
+        ([("model", enc(" so the answer") + [pe] + enc(" 5"))], sp.assistant_end),  # a stray close: no call
         ([("model", [ps] + enc("1/0") + [pe, os_] + enc("7") + [oe])], sp.assistant_end),
         ([("model", enc("a") + [pe, ps] + enc("1+") + [ps] + enc("10+5") + [pe]), ("forced", [os_, *enc("15"), oe]),
           ("model", enc(" ok"))], sp.bos),
@@ -215,22 +233,39 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces):
     config, M = gpt.GPTConfig(vocab_size=tok.get_vocab_size()), 3 * width
     tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), M + 2)
     run = functools.partial(sampler.sample, config, {}, num_samples=1, temperature=0.0, tool=tool,
-                            specials=tok.specials)
+                            specials=tok.specials, slots=slots)
+
+    def fed_to(i):  # the tokens fed back to the model for row i, in column order
+        if not slots:
+            return [int(f[i]) for f in fed]
+        steps = [(int(c[r == i][0]), int(t[r == i][0])) for r, c, t in fed if (r == i).any()]
+        assert all((r == i).sum() <= 1 for r, _, _ in fed), f"row {i} handed to two slots"
+        assert [c for c, _ in steps] == list(range(len(steps))), f"row {i}: columns not 0, 1, 2, ..."
+        return [t for _, t in steps]  # (a slot left idle at the end goes on with its last row: extra columns)
+
     out, _ = run([[sp.bos, sp.assistant_start]] * len(rows), max_new_tokens=M)
     for i, n in enumerate(map(len, expected)):
         assert out.length[i] == n, f"row {i}"
         assert out.tokens[i, :n].tolist() == expected[i], f"row {i}"
         assert out.mask[i, :n].tolist() == expected_mask[i], f"row {i}"
         assert (out.mask[i, n:] == 0).all() and (out.tokens[i, n:] == sp.assistant_end).all(), f"row {i}"
-        assert [int(f[i]) for f in fed[:n]] == expected[i], f"row {i}: the model is fed what was kept"
-    assert len(fed) == width < M  # early exit: the step that emitted the last terminal was the last
+        assert fed_to(i)[:n] == expected[i], f"row {i}: the model is fed what was kept"
+    if slots:  # every row was decoded in a slot, each of its columns once, with its terminal next
+        assert all(fed_to(i)[n] == segs[1] for i, (n, segs) in enumerate(zip(map(len, expected), rows)))
+        assert len(fed) < sum(map(len, expected)) + len(rows)  # slots decoded rows side by side
+    else:
+        assert len(fed) == width < M  # early exit: the step that emitted the last terminal was the last
     assert tool.calls == 3  # 2*3, 1/0 and 10+5; the stray, the restarted and the empty block call nothing
 
     fed.clear()  # max_new_tokens counts forced tokens: stop inside row 0's forced span
     cut = len(expected[0]) - len(enc(" done")) - 1
-    out, _ = run([[sp.bos, sp.assistant_start]], max_new_tokens=cut)
+    out, _ = run([[sp.bos, sp.assistant_start]] * len(rows), max_new_tokens=cut)
     assert out.tokens[0].tolist() == expected[0][:cut] and out.mask[0].tolist() == expected_mask[0][:cut]
-    assert len(fed) == cut
+    for i, n in enumerate(map(len, expected)):
+        assert out.length[i] == min(n, cut) and out.tokens[i, :min(n, cut)].tolist() == expected[i][:cut]
+        if slots:  # a row cut at max_new_tokens was fed `cut` tokens; one that ended, its terminal too
+            assert fed_to(i)[:min(n + 1, cut)] == (expected[i] + [rows[i][1]])[:cut], f"row {i}"
+    assert len(fed) == cut or slots
 
 
 # ---- 3. Sampling distribution ----------------------------------------------------
@@ -339,6 +374,62 @@ def test_compacting_the_long_tail_keeps_every_token(seed):
         np.testing.assert_array_equal(getattr(small, field), getattr(full, field), err_msg=field)
     np.testing.assert_allclose(small.logp, full.logp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(small.sample_logp, full.sample_logp, rtol=1e-5, atol=1e-5)
+
+
+def arith_run(prompts, endless=False, **kw):
+    """sampler.sample on the arith checkpoint (real completions of varied lengths, calculator on);
+    `endless`: no token ends a row (every row runs to max_new_tokens)."""
+    config, params = load_checkpoint(ARITH / "chatsft_checkpoints" / "d4", 100, "gen-2026-07")
+    tok = tokenizer(ARITH / "tokenizer")
+    task = GSM8K("test", data_dir=SHARED / "data" / "arith")
+    tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), 120)
+    specials = tok.specials
+    if endless:
+        specials = dataclasses.replace(specials, bos=config.vocab_size, assistant_end=config.vocab_size)
+    stats = {}
+    out, _ = sampler.sample(config, params, [tok.render_for_completion(task[i]) for i in prompts], tool=tool,
+                            specials=specials, stats=stats, **kw)
+    return out, stats
+
+
+def assert_same_rollouts(got, want, what: str):
+    for field in ("tokens", "mask", "length"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=f"{field}: {what}")
+    np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5, err_msg=what)
+    np.testing.assert_allclose(got.sample_logp, want.sample_logp, rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+def test_refilled_slots_keep_every_token():
+    """Decoding in a few slots, each refilled with the next (question, sample) as its row ends, gives
+    every row the tokens, masks, lengths and tool results of the all-rows loop (calculator on, rows
+    of varied lengths, both ends: terminal token and max_new_tokens), for slot counts drawn fresh
+    (an odd one among them). (How many idle row-steps they save is measured in docs/benchmarks.md.)"""
+    rng = np.random.default_rng()
+    M = int(rng.integers(40, 50))
+    run = functools.partial(arith_run, list(range(8)), num_samples=8, max_new_tokens=M, seed=int(rng.integers(1000)))
+    full, full_stats = run(slots=0)
+    assert (full.mask.sum(1) < full.length).any(), "no tool output was forced"
+    assert len(set(full.length.tolist())) > 5 and full.length.max() == M, "lengths should vary, some hit M"
+    for slots in (int(rng.integers(3, 12)) | 1, int(rng.integers(17, 40))):
+        got, stats = run(slots=slots)
+        assert_same_rollouts(got, full, f"slots={slots}, M={M}")
+        assert stats["row_steps"] == stats["decode_steps"] * slots
+        assert stats["slot_utilization"] == pytest.approx(got.length.sum() / stats["row_steps"])
+    assert full_stats["row_steps"] >= full.length.max() * len(full.length) // sampler.COMPACT_DIVISOR
+
+
+def test_refilled_slots_on_eight_devices_equal_one_device():
+    """Slots on each of 8 devices (11 prompts: the mesh pads them with dummy prompts, whose rows the
+    slots never take) keep every row of the one-device, all-rows run. No row ends before
+    max_new_tokens here, so the slots' columns cross a decode phase (64) at different steps: a step
+    refills at most slots // 8 of them."""
+    rng = np.random.default_rng()
+    run = functools.partial(arith_run, list(range(20, 31)), num_samples=4, max_new_tokens=int(rng.integers(66, 90)),
+                            seed=int(rng.integers(1000)), endless=True)
+    one, _ = run(slots=0)
+    eight, stats = run(slots=int(rng.integers(2, 5)), mesh=sharding.make_mesh())
+    assert_same_rollouts(eight, one, "8 devices")
+    assert (one.mask.sum(1) < one.length).any(), "no tool output was forced"
 
 
 def test_gen_2025_10_samples_share_first_token():

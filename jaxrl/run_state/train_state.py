@@ -59,10 +59,12 @@ RESUME_SAFE = (
     "run", "out_dir", "resume", "stop_after_steps", "eval_every", "eval_examples", "eval_num_samples", "eval_seed",
     "eval_shared_keys", "save_every", "log_every", "export_nanochat", "max_nonfinite_skips", "coordinator_address",
     "num_processes", "process_id", "zero_reward_warn_steps", "allow_data_change", "mesh_data", "mesh_fsdp",
+    "rollout_slots",
 )
 # What a config saved by an earlier release lacks or holds extra: keys added since (with the value
 # those runs used) and keys removed since (settings that moved out of RLConfig, meaningless to a resume).
-ADDED_KEYS = {"attention": "einsum", "train_remat": False, "mesh_data": -1, "mesh_fsdp": 1}
+ADDED_KEYS = {"attention": "einsum", "train_remat": False, "mesh_data": -1, "mesh_fsdp": 1,
+              "rollout_slots": 0}
 # Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
