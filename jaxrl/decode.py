@@ -6,7 +6,10 @@ Two cache layouts, both read by the model's own trunk through an attention "view
 - `SharedCache` + `decode_shared` (what the sampler runs): N samples per prompt read the prompt's
   keys once per prompt, and their own generated keys from per-row blocks of GEN_BLOCK columns
   (stored in the layouts the attention einsums read, one buffer per block stacked over the
-  layers, so a decode step writes one column per layer in place).
+  layers, so a decode step writes one column per layer in place);
+- `SlotCache` + `decode_slots` (the sampler's slots): each slot holds one (prompt, sample) pair at
+  its own column, with its own copy of its prompt's keys (`refill_slots` copies another prompt's
+  in from `Prompts`, the prefill of every prompt of the call) in the generated blocks' layout.
 Every cache array has a leading layer axis: the model's layer scan (jaxrl/stack.py) carries the
 cache and each layer writes and reads its own slice. Where the layers run unrolled, the sampler's
 cache is `stack.Layers` instead (one array per layer), so a decode step copies no layer out of a

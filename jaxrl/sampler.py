@@ -15,10 +15,20 @@ How one call works (R = prompts × samples rows):
 3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
    host is reached only on those steps; it decodes the expression, runs the calculator and returns
    the tokens to force.
+Slots (`slots` per device, `rollout_slots` in the config; when a device has more rows than that):
+instead of steps 1-2, every prompt is prefilled up front (`slots` prompts at a time) and kept;
+`slots` rows decode side by side, each at its own column, with its own copy of its prompt's keys.
+When a row ends (terminal token or max_new_tokens), its slot takes the next (prompt, sample) pair
+at the start of the next step: its prompt's keys are copied in from the prefill, its first logits
+are the prompt's prefill logits, and its tool state is cleared (at most slots // REFILL_DIVISOR
+slots per step, a fixed-size copy). The decode phases still apply, by the furthest column of any
+busy slot. No step then waits on the longest row of a batch: a 500 x 8 pass@k turns 0.95 of its
+row-steps into kept tokens instead of about half.
 Rows are independent, so the call is `shard_map`ped over the devices; each row's keys derive from
-(seed, step, example, sample, column) only, so rollouts are identical on any device count. With
-fewer prompts than devices, each prompt's samples are split over several devices (`sample_split`:
-one prompt x 16 samples on 2 devices decodes 8 rows on each), the prompt prefilled on each.
+(seed, step, example, sample, column) only, so rollouts are identical on any device count and
+any slot count. With fewer prompts than devices, each prompt's samples are split over several
+devices (`sample_split`: one prompt x 16 samples on 2 devices decodes 8 rows on each), the prompt
+prefilled on each.
 
 Test: `pytest tests/test_sampler.py`.
 """
@@ -296,8 +306,10 @@ def _rollout_slots(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
         step = functools.partial(_slot_step, config, spec, tool, params, row_keys, first_keys, temperature, end)
         return lambda s: jax.lax.while_loop(lambda s: work(s) & (top(s) < end), lambda s: step(refill(s)), s)
 
-    phases = [phase(min(end, M)) for end in range(PHASE, M + PHASE, PHASE)]
-    state = jax.lax.while_loop(work, lambda s: jax.lax.switch(top(s) // PHASE, phases, s), state)
+    ends = sorted({min(PHASE, M), M})
+    phases = [phase(end) for end in ends]
+    state = jax.lax.while_loop(work, lambda s: jax.lax.switch(jnp.minimum(top(s) // PHASE, len(ends) - 1), phases, s),
+                               state)
     return state.out, jnp.stack([state.steps, state.steps * S])
 
 

@@ -9,7 +9,8 @@
 #   1. tests/test_gpu.py: cuDNN attention = einsum in bf16; bf16 greedy rollouts = fp32 (arith fixture)
 #   2. bench.py sampler, train, rl-step (the GPU goals' sizes: d20, bf16) with --profile
 #   3. bench.py floor (decode matmuls alone) and train with cuDNN attention
-#   4. bench.py sampler on the arith fixture checkpoint (real prompts, calculator live)
+#   4. bench.py sampler on the arith fixture checkpoint (real prompts, calculator live), then an
+#      eval's shape (128 questions x 8 samples) decoded in 256 refilled slots and all at once
 # Output: OUT_DIR/device_check.jsonl (one bench record per line), OUT_DIR/steps.jsonl (rc and seconds
 # of each step), a log per step, profiles under OUT_DIR/prof/, and one summary table on stdout.
 # Needs jaxrl's dependencies and torch (the fixture is a .pt checkpoint); no network. Fixtures come
@@ -36,6 +37,8 @@ if [ "${DEVICE_CHECK_SMOKE:-0}" = 1 ]; then  # toy sizes: a rehearsal of every s
   RLSTEP=(--questions 2 --num-samples 2 --max-new-tokens 8 --device-batch-size 2)
   FLOOR=(--rows 4 --steps 4)
   ARITH=(--prompts 1 --num-samples 2 --max-new-tokens 8 --repeats 1)
+  EVAL=(--prompts 2 --num-samples 2 --max-new-tokens 8 --repeats 1)
+  SLOTS=1
   BUDGET=${DEVICE_CHECK_BUDGET:-900}
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
@@ -45,6 +48,8 @@ else
   RLSTEP=()
   FLOOR=(--rows 8,256)
   ARITH=(--prompts 16 --num-samples 16 --max-new-tokens 256)
+  EVAL=(--prompts 128 --num-samples 8 --max-new-tokens 256)
+  SLOTS=256
   BUDGET=${DEVICE_CHECK_BUDGET:-480}
 fi
 START=$SECONDS
@@ -87,6 +92,8 @@ if [ "$JAX_PLATFORMS" = cuda ]; then
   step train_cudnn 60 env JAXRL_ATTENTION=cudnn python scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --out "$JSONL"
 fi
 step sampler_arith 90 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${ARITH[@]}" --out "$JSONL"
+step eval_slots 60 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots "$SLOTS" --out "$JSONL"
+step eval_all_rows 60 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots 0 --out "$JSONL"
 
 python -m benchmarks.summary "$JSONL" "$OUT/steps.jsonl"
 echo "device check: $((SECONDS - START)) s; records in $JSONL"

@@ -27,11 +27,14 @@ def test_every_step_runs_and_lands_in_the_table(tmp_path):
     proc = run_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == ["gpu_tests", "sampler", "train", "rl_step", "floor", "sampler_arith"]
+    assert [s["step"] for s in steps] == ["gpu_tests", "sampler", "train", "rl_step", "floor", "sampler_arith",
+                                          "eval_slots", "eval_all_rows"]
     assert all(s["rc"] == 0 for s in steps), steps
     assert "2 skipped" in (tmp_path / "gpu_tests.log").read_text()  # on a CPU: reported, not passed
     records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
-    assert [r["bench"] for r in records] == ["sampler", "train", "rl-step", "floor", "sampler"]
+    assert [r["bench"] for r in records] == ["sampler", "train", "rl-step", "floor", "sampler", "sampler", "sampler"]
+    slots, all_rows = records[-2:]  # 2 prompts x 2 samples: in 1 slot, then all 4 rows at once
+    assert slots["row_steps"] == slots["decode_steps"] and all_rows["row_steps"] == 4 * all_rows["decode_steps"]
     assert all(r.get("profile") for r in records[:3]), "sampler, train and rl-step ran with --profile"
     summary = json.loads(proc.stdout.strip().splitlines()[-2])  # the last line is the script's own
     assert [r["bench"] for r in summary["rows"]] == [r["bench"] for r in records]
@@ -44,7 +47,7 @@ def test_a_spent_budget_is_reported_not_silent(tmp_path):
     proc = run_check(tmp_path, DEVICE_CHECK_BUDGET="5")
     assert proc.returncode == 1, proc.stdout[-2000:]
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert len(steps) == 6 and all(s["rc"] is None for s in steps)
+    assert len(steps) == 8 and all(s["rc"] is None for s in steps)
     summary = json.loads(proc.stdout.strip().splitlines()[-2])
-    assert summary["rows"] == [] and len(summary["failed_steps"]) == 6
-    assert proc.stdout.count("not run (budget spent)") == 6
+    assert summary["rows"] == [] and len(summary["failed_steps"]) == 8
+    assert proc.stdout.count("not run (budget spent)") == 8
