@@ -1,7 +1,7 @@
 """pass@k of any policy on a GSM8K-format task, sampled as nanochat's Engine does (calculator on).
 
     python scripts/eval_rl.py --checkpoint PATH [--task gsm8k|arith|<jsonl dir>] [--num-samples 8]
-        [--max-examples N] [--temperature 1.0] [--json OUT]
+        [--max-examples N] [--temperature 1.0] [--slots S] [--json OUT]
 
 PATH is a jaxrl import, a jaxrl run directory (its latest checkpoint), or anything nanochat writes
 (a base dir, a checkpoint dir, a model_<step>.pt; read through convert/, which needs torch).
@@ -13,8 +13,11 @@ fraction of questions solved by one of the FIRST k samples (nanochat's estimator
 unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json` also writes, in
 the task's order, `per_question` = [{index, question, correct (int, of --num-samples), first_correct,
 samples (each sample's outcome)}], the schema of nanochat's Engine reference files plus `samples`,
-so two runs can be paired question by question. Bad values and an unwritable --json are refused
-before anything runs (docs/errors.md lists every check).
+so two runs can be paired question by question. Rows (questions x samples, --batch-rows per
+sampler call) decode in --slots rows per device at a time, each slot taking the next row as its
+row ends; the tokens are the same for any --slots (0: all rows of a call at once). The share of
+decoded row-steps that kept a token goes to stderr and the JSON (`slot_utilization`). Bad values
+and an unwritable --json are refused before anything runs (docs/errors.md lists every check).
 """
 import argparse
 import json
@@ -64,6 +67,7 @@ def parse_args(argv=None):
     bad += [f"--top-k must be >= 0 (0 disables it), found {args.top_k}"] * (args.top_k < 0)
     bad += [f"--seed must be in [0, 2**32), found {args.seed}"] * (not 0 <= args.seed < 2**32)
     bad += [f"--difficulty must be 1, 2 or 3, found {args.difficulty}"] * (not 1 <= args.difficulty <= 3)
+    bad += [f"--slots must be >= 0 (0: all rows at once), found {args.slots}"] * (args.slots is not None and args.slots < 0)
     if bad:
         p.error("; ".join(bad))
     if args.json:  # checked before the eval, not after it

@@ -35,7 +35,7 @@ TINY = {
 }
 KEYS = {
     "sampler": ("gen_tokens_per_s", "prefill_tokens_per_s", "compile_s", "mbu", "ttft_s", "tool_host_s",
-                "tool_overhead_frac"),
+                "tool_overhead_frac", "slot_utilization", "row_steps"),
     "train": ("tokens_per_s", "mfu", "tokens_per_s_one_pass", "mfu_one_pass", "optimizer_s", "train_step_s"),
     "rl-step": ("step_s", "rollout_s", "reward_s", "train_s", "logging_s"),
     "convert": ("import_s", "peak_rss_mb", "export_s", "load_s"),

@@ -221,6 +221,7 @@ def test_examples_per_step_must_divide_over_data_parallel_size():
     ({"temperature": -0.5}, "temperature must be a finite number >= 0, found -0.5"),
     ({"matrix_lr": float("nan")}, "matrix_lr must be a finite number >= 0, found nan"),
     ({"top_k": -1}, "top_k must be >= 0, found -1"),
+    ({"rollout_slots": -1}, "rollout_slots must be >= 0, found -1"),
     ({"init_lr_frac": 0.0}, "init_lr_frac must be in (0, 1], found 0.0"),
     ({"init_lr_frac": 1.5}, "init_lr_frac must be in (0, 1], found 1.5"),
     ({"dtype": "float16"}, "dtype must be one of 'bfloat16', 'float32', found 'float16'"),

@@ -72,6 +72,7 @@ def test_metrics_rows_carry_phase_and_eval_comes_first(demo_run):
             assert {f"pass@{k}" for k in range(1, 9)} <= set(r) and "unbiased_pass@1_lo" in r
         else:
             assert 0 <= r["reward"] <= 1 and r["seq_len"] > 0
+        assert 0 < r["slot_utilization"] <= 1  # kept tokens / decoded row-steps of the sampler
 
 
 @pytest.mark.slow
