@@ -97,7 +97,8 @@ def run(config, args, mesh) -> tuple[dict, list[str], list[list]]:
     prompts = [list(rng.integers(0, config.vocab_size - 9, args.prompt_len)) for _ in range(Q)]
     specials = SpecialIds.from_tokenizer(SyntheticTokenizer(config.vocab_size))
     fn, inputs = sampler.rollout_call(config, prompts, num_samples=S, max_new_tokens=args.max_new_tokens,
-                                      specials=specials, mesh=mesh)
+                                      specials=specials, mesh=mesh,
+                                      slots=sampler.default_slots("gpu"))  # an accelerator's sampler, not the CPU's
     t0 = time.perf_counter()
     sample = program_bytes(fn.lower(rollout_layout(params, mesh, config.dtype), *inputs).compile())
     sampler_compile_s = time.perf_counter() - t0

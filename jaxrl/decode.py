@@ -281,7 +281,7 @@ def refill_slots(prompts: Prompts, cache: SlotCache, slots, prompt) -> SlotCache
                           pad=cache.pad.at[slots].set(prompts.pad[prompt], mode="drop"))
 
 
-class SlotView(SharedView):
+class RefillView(SharedView):
     """Decode for slots, slot r at its own column col[r]: reads its own prompt keys (same layout as
     a generated block) and its own generated columns; column col[r] is written into whichever
     block holds it. Columns past a slot's own are masked by position."""
@@ -321,7 +321,7 @@ def decode_slots(config: GPTConfig, params: Params, tokens, col, cache: SlotCach
     generated columns [0, gen_len) (static; more than the largest col). Returns (logits (S,V) f32, cache)."""
     Tp = cache.kp[0].shape[-1]
     positions = ((Tp - cache.pad) + col)[:, None].astype(jnp.int32)
-    view = SlotView(cache, col, gen_len)
+    view = RefillView(cache, col, gen_len)
     x, (kg, vg), e = gpt.trunk(config, params, tokens[:, None].astype(jnp.int32), positions, cache=view,
                                prev_emb=cache.prev_emb)
     return gpt.logits_from_hidden(config, params, x[:, 0]), cache._replace(kg=kg, vg=vg,

@@ -327,7 +327,7 @@ def trunk(config: GPTConfig, params: Params, idx, positions, cache=None, prev_em
 
     idx, positions (B,T). Without a cache: causal attention within the chunk (training/prefill);
     positions are 0..T-1, or shifted left by a row's padding (negative = padding, never attended).
-    With a cache view (T=1 decode, `decode.SlotView`/`SharedView`), `view.attend(state, layer, q, k,
+    With a cache view (T=1 decode, `decode.SlotView`/`SharedView`/`RefillView`), `view.attend(state, layer, q, k,
     v, positions, window) -> (y, state)` writes this token's k/v into the stacked `view.state`.
     `prev_emb` (B,D) is the previous token's pre-smear embedding (None: no smear for token 0).
     `packing` (no cache): several sequences packed in each row, each with its own positions from

@@ -150,16 +150,53 @@ class _State:
     qhead: jax.Array  # (R,) int32; forced tokens already emitted
 
 
-def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len, s: _State) -> _State:
-    sp = spec.specials
-    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, s.n)
+def _keys(spec: SampleSpec, row_keys, first_keys, col):
+    """Each row's sampling key at its column col (R,): its own key folded with the column; with the
+    gen-2025-10 shared first token, column 0 folds its prompt's key instead (sample index 0)."""
+    keys = jax.vmap(jax.random.fold_in)(row_keys, col)
     if spec.shared_first_token:
-        first = jax.vmap(jax.random.fold_in, (0, None))(first_keys, s.n)
-        keys = jax.random.wrap_key_data(jnp.where(s.n == 0, jax.random.key_data(first), jax.random.key_data(keys)))
+        first = jax.vmap(jax.random.fold_in)(first_keys, col)
+        keys = jax.random.wrap_key_data(jnp.where((col == 0)[:, None], jax.random.key_data(first),
+                                                  jax.random.key_data(keys)))
+    return keys
+
+
+def _choose(spec: SampleSpec, s, keys, temperature):
+    """This column's token per row: the calculator's next queued token if one is pending, else a
+    sample from the row's logits. Returns (token, forced, ends, logp under the model, under the sampler)."""
+    sp = spec.specials
     sampled, lp, slp = sample_tokens(s.logits, keys, temperature, spec)
     forced = s.qhead < s.qlen
-    tok = jnp.where(forced, jnp.take_along_axis(s.queue, jnp.minimum(s.qhead, spec.queue_len - 1)[:, None], 1)[:, 0], sampled)
-    ends = (tok == sp.assistant_end) | (tok == sp.bos)
+    queued = jnp.take_along_axis(s.queue, jnp.minimum(s.qhead, spec.queue_len - 1)[:, None], 1)[:, 0]
+    tok = jnp.where(forced, queued, sampled)
+    return tok, forced, (tok == sp.assistant_end) | (tok == sp.bos), lp, slp
+
+
+def _tool_state(spec: SampleSpec, tool, s, tok, keep, forced, col, history) -> dict:
+    """nanochat Engine's python-block state machine after emitting `tok` at column col (R,) of each
+    row (`keep`: the row kept it): a kept python_end that closes a non-empty block calls the host
+    calculator on history[r, expr_start:col] (the rows' tokens so far) and queues its forced tokens.
+    Returns the new in_py, expr_start, queue, qlen, qhead."""
+    sp = spec.specials
+    starts = keep & (tok == sp.python_start)
+    closes = keep & (tok == sp.python_end) & s.in_py
+    need = closes & (col > s.expr_start)
+    queue, qlen, qhead = s.queue, s.qlen, s.qhead + forced.astype(jnp.int32)
+    if tool is not None:
+        def call_host(args):
+            q, ql, qh = args
+            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
+            nq, nql = jax.pure_callback(tool, shapes, history, s.expr_start, col, need, vmap_method="sequential")
+            return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
+
+        queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
+    return dict(in_py=jnp.where(starts, True, jnp.where(closes, False, s.in_py)),
+                expr_start=jnp.where(starts, col + 1, s.expr_start), queue=queue, qlen=qlen, qhead=qhead)
+
+
+def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len, s: _State) -> _State:
+    col = jnp.broadcast_to(s.n, s.done.shape)
+    tok, forced, ends, lp, slp = _choose(spec, s, _keys(spec, row_keys, first_keys, col), temperature)
     keep = ~s.done & ~ends
     m = keep & ~forced
     out = Rollout(
@@ -169,23 +206,9 @@ def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperat
         s.out.sample_logp.at[:, s.n].set(jnp.where(m, slp, 0.0)),
         s.out.length + keep.astype(jnp.int32),
     )
-    starts = keep & (tok == sp.python_start)
-    closes = keep & (tok == sp.python_end) & s.in_py
-    need = closes & (s.n > s.expr_start)
-    in_py = jnp.where(starts, True, jnp.where(closes, False, s.in_py))
-    expr_start = jnp.where(starts, s.n + 1, s.expr_start)
-    queue, qlen, qhead = s.queue, s.qlen, s.qhead + forced.astype(jnp.int32)
-    if tool is not None:
-        def call_host(args):
-            q, ql, qh = args
-            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
-            nq, nql = jax.pure_callback(tool, shapes, out.tokens, s.expr_start, s.n, need, vmap_method="sequential")
-            return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
-
-        queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
+    tool_state = _tool_state(spec, tool, s, tok, keep, forced, col, out.tokens)
     logits, cache = decode.decode_shared(config, params, tok, s.n, s.pad, s.cache, gen_len)
-    return s.replace(n=s.n + 1, out=out, done=s.done | ends, logits=logits, cache=cache, in_py=in_py,
-                     expr_start=expr_start, queue=queue, qlen=qlen, qhead=qhead)
+    return s.replace(n=s.n + 1, out=out, done=s.done | ends, logits=logits, cache=cache, **tool_state)
 
 
 def _rollout_local(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_ids, live, seed, temperature):
@@ -315,45 +338,21 @@ def _rollout_slots(config, spec: SampleSpec, tool, params, prompt_ids, pad, row_
 
 def _slot_step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len,
                s: _Slots) -> _Slots:
-    sp = spec.specials
     R, M = row_keys.shape[0], spec.max_new_tokens
     busy = s.pair < R
     pair = jnp.minimum(s.pair, R - 1)
-    fold = jax.vmap(jax.random.fold_in)
-    keys = fold(row_keys[pair], s.col)
-    if spec.shared_first_token:
-        first = fold(first_keys[pair], s.col)
-        keys = jax.random.wrap_key_data(jnp.where((s.col == 0)[:, None], jax.random.key_data(first),
-                                                  jax.random.key_data(keys)))
-    sampled, lp, slp = sample_tokens(s.logits, keys, temperature, spec)
-    forced = s.qhead < s.qlen
-    tok = jnp.where(forced, jnp.take_along_axis(s.queue, jnp.minimum(s.qhead, spec.queue_len - 1)[:, None], 1)[:, 0], sampled)
-    ends = (tok == sp.assistant_end) | (tok == sp.bos)
+    tok, forced, ends, lp, slp = _choose(spec, s, _keys(spec, row_keys[pair], first_keys[pair], s.col), temperature)
     keep = busy & ~ends
     m = keep & ~forced
     dst = jnp.where(keep, s.pair, R)  # row R does not exist: the write is dropped
     put = lambda a, v: a.at[dst, s.col].set(v, mode="drop")  # noqa: E731
     out = Rollout(put(s.out.tokens, tok), put(s.out.mask, m.astype(jnp.int32)), put(s.out.logp, jnp.where(m, lp, 0.0)),
                   put(s.out.sample_logp, jnp.where(m, slp, 0.0)), s.out.length.at[dst].add(1, mode="drop"))
-    starts = keep & (tok == sp.python_start)
-    closes = keep & (tok == sp.python_end) & s.in_py
-    need = closes & (s.col > s.expr_start)
-    in_py = jnp.where(starts, True, jnp.where(closes, False, s.in_py))
-    expr_start = jnp.where(starts, s.col + 1, s.expr_start)
-    queue, qlen, qhead = s.queue, s.qlen, s.qhead + forced.astype(jnp.int32)
-    if tool is not None:
-        def call_host(args):
-            q, ql, qh = args
-            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
-            nq, nql = jax.pure_callback(tool, shapes, out.tokens[pair], s.expr_start, s.col, need,
-                                        vmap_method="sequential")
-            return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
-
-        queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
+    tool_state = _tool_state(spec, tool, s, tok, keep, forced, s.col, out.tokens[pair])
     logits, cache = decode.decode_slots(config, params, tok, s.col, s.cache, gen_len)
     done = busy & (ends | (s.col + 1 >= M))  # the pair ended (terminal token or last column): the slot is free
     return s.replace(out=out, pair=jnp.where(done, R, s.pair), col=s.col + 1, steps=s.steps + 1, logits=logits,
-                     cache=cache, in_py=in_py, expr_start=expr_start, queue=queue, qlen=qlen, qhead=qhead)
+                     cache=cache, **tool_state)
 
 
 def _refill(spec: SampleSpec, fresh, s: _Slots) -> _Slots:

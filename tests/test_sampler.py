@@ -354,7 +354,7 @@ def test_samples_split_over_devices_keep_their_rollouts(gen):
             assert len(set(one.tokens[:n, 0].tolist())) == 1  # nanochat's shared first token
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [1])
 def test_compacting_the_long_tail_keeps_every_token(seed):
     """Decoding only the last running quarter of the rows (in a quarter-size state, each row with its
     own copy of its prompt's keys) yields the same tokens, masks and lengths as the full-width loop,

@@ -203,7 +203,7 @@ def test_unrolled_decode_loop_reads_no_stack(n_layer):
                               queue_len=1, specials=ids, pad_id=1, compact_rows=1)
     P, T = 2, 64
     args = (params, jnp.zeros((P, T), jnp.int32), jnp.zeros((P,), jnp.int32), jnp.zeros((P, 2, 3), jnp.int32),
-            jnp.uint32(0), jnp.float32(1.0))
+            jnp.ones((P,), bool), jnp.uint32(0), jnp.float32(1.0))
     R, K, hd = P * spec.num_samples, config.n_kv_head, config.head_dim
     stacked = {tuple(a.shape) for a in jax.tree.leaves(params["transformer"]["h"])}
     stacked |= {(n_layer, R, K, hd, 64), (n_layer, R, K, 64, hd), (n_layer, P, T, K, hd)}  # cache blocks

@@ -64,7 +64,7 @@ RESUME_SAFE = (
 # What a config saved by an earlier release lacks or holds extra: keys added since (with the value
 # those runs used) and keys removed since (settings that moved out of RLConfig, meaningless to a resume).
 ADDED_KEYS = {"attention": "einsum", "train_remat": False, "mesh_data": -1, "mesh_fsdp": 1,
-              "rollout_slots": 0}
+              "rollout_slots": None}  # (earlier runs decoded all rows at once; any value gives the same tokens)
 # Path-valued keys: the same folder written relative or absolute is the same key (resolved paths compared).
 PATH_KEYS = ("checkpoint", "tokenizer_dir", "data_dir", "task", "out_dir")
 
