@@ -123,7 +123,7 @@ def step_row(model_config, step: int, num_steps: int, res, m, *, reward_s: float
            "loss": float(m.loss), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
            "logp_mismatch": float(m.logp_mismatch), "rollout_s": res.seconds, "reward_s": reward_s,
            "train_s": train_s, "gen_tokens_per_s": distributed.sum_scalar(res.gen_tokens) / max(res.seconds, 1e-9),
-           "slot_utilization": distributed.sum_scalar(res.gen_tokens) / max(distributed.sum_scalar(res.row_steps), 1),
+           "slot_utilization": res.slot_utilization(),
            "skipped": int(m.skipped), "lrm": optim.lr_multiplier(step, num_steps)}
     row.update({f"lr/{g}": lr for g, lr in optim.group_lrs(model_config, step, num_steps=num_steps,
                                                              **(lrs or {})).items()})

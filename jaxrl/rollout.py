@@ -30,7 +30,11 @@ class RoundResult:
     gen_tokens: int
     seconds: float
     row_steps: int = 0  # decode steps x rows decoded in each, over every sampler call of the round
-    slot_utilization: float = 0.0  # gen_tokens / row_steps: the share of decoded rows that kept a token
+
+    def slot_utilization(self) -> float:
+        """Kept tokens / decoded row-steps of the round over every process (a collective: every
+        process calls it)."""
+        return distributed.sum_scalar(self.gen_tokens) / max(distributed.sum_scalar(self.row_steps), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +86,7 @@ def run_round(config, params, *, tokenizer, task, indices, args: SamplingArgs, t
         q = r // N
         rewards[r] = task.reward(conversations[q], tokenizer.decode(seq[len(prompts[q]):]))
     return RoundResult(seqs, masks, rewards, (rewards > 0).reshape(-1, N), [len(p) for p in prompts], logps,
-                       np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0, row_steps,
-                       gen_tokens / max(row_steps, 1))
+                       np.asarray(ended, bool), gen_tokens, time.perf_counter() - t0, row_steps)
 
 
 def check_prompt_lengths(config, tokenizer, task, num_questions: int, max_new_tokens: int, what: str) -> None:
@@ -130,7 +133,7 @@ def eval_row(config, params, tokenizer, task, *, num_examples: int, args: Sampli
                     same_keys_per_question=shared_keys, slots=slots)
     correct = distributed.gather_rows(res.correct)
     row = {"step": step, "event": "eval", "phase": phase, "eval_examples": int(correct.shape[0]),
-           "slot_utilization": distributed.sum_scalar(res.gen_tokens) / max(distributed.sum_scalar(res.row_steps), 1)}
+           "slot_utilization": res.slot_utilization()}
     row.update(pass_at_k_row(correct))
     return row
 
