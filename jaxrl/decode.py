@@ -177,15 +177,20 @@ def shared_cache(config: GPTConfig, cache: KVCache, num_samples: int, max_new_to
 
 
 def _decode_cache(config, cache: KVCache, prev_emb, max_new_tokens: int) -> SharedCache:
-    L, P, Tp, K, hd = cache.k.shape
-    R = prev_emb.shape[0]
+    return SharedCache(*_with_gen_blocks(config, cache.k, cache.v, prev_emb.shape[0], max_new_tokens), prev_emb)
+
+
+def _with_gen_blocks(config, kp, vp, rows: int, max_new_tokens: int):
+    """(kp, vp, kg, vg): the prompt keys/values (L, ...) and zero generated blocks of `rows` rows in
+    the einsums' layouts (keys (L,R,K,Dh,B), values (L,R,K,B,Dh)); all as `stack.Layers` when the
+    layers run unrolled."""
+    L, K, hd = kp.shape[0], config.n_kv_head, config.head_dim
     widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
-    kg = tuple(jnp.zeros((L, R, K, hd, w), cache.k.dtype) for w in widths)
-    vg = tuple(jnp.zeros((L, R, K, w, hd), cache.k.dtype) for w in widths)
-    kp, vp = cache.k, cache.v
+    kg = tuple(jnp.zeros((L, rows, K, hd, w), kp.dtype) for w in widths)
+    vg = tuple(jnp.zeros((L, rows, K, w, hd), kp.dtype) for w in widths)
     if not stack.scan_layers(config.n_layer):
         kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
-    return SharedCache(kp, vp, kg, vg, prev_emb)
+    return kp, vp, kg, vg
 
 
 def decode_shared(config: GPTConfig, params: Params, tokens, col, pad, cache: SharedCache, gen_len: int):
@@ -254,15 +259,8 @@ def prefill_prompts(config: GPTConfig, params: Params, idx, pad, chunk: int):
 
 def slot_cache(config: GPTConfig, prompts: Prompts, prompt, max_new_tokens: int) -> SlotCache:
     """The decode state of len(prompt) slots, slot r starting on prompt `prompt[r]`."""
-    L, _, K, hd, Tp = prompts.k.shape
-    S = prompt.shape[0]
-    widths = [min(GEN_BLOCK, max_new_tokens - s) for s in range(0, max_new_tokens, GEN_BLOCK)]
-    kg = tuple(jnp.zeros((L, S, K, hd, w), prompts.k.dtype) for w in widths)
-    vg = tuple(jnp.zeros((L, S, K, w, hd), prompts.k.dtype) for w in widths)
-    kp, vp = prompts.k[:, prompt], prompts.v[:, prompt]
-    if not stack.scan_layers(config.n_layer):
-        kp, vp, kg, vg = jax.tree.map(lambda a: stack.Layers(a[i] for i in range(L)), (kp, vp, kg, vg))
-    return SlotCache(kp, vp, kg, vg, prompts.prev_emb[prompt], prompts.pad[prompt])
+    blocks = _with_gen_blocks(config, prompts.k[:, prompt], prompts.v[:, prompt], prompt.shape[0], max_new_tokens)
+    return SlotCache(*blocks, prompts.prev_emb[prompt], prompts.pad[prompt])
 
 
 def refill_slots(prompts: Prompts, cache: SlotCache, slots, prompt) -> SlotCache:
