@@ -53,6 +53,12 @@ PHASE = decode.GEN_BLOCK  # decode columns per phase: phase j attends to generat
 COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
 REFILL_DIVISOR = 8  # a step refills at most slots // 8 slots (a fixed-size copy of prompt keys); others wait a step
 SLOTS_PER_DEVICE = {"cpu": 128, "gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}  # see default_slots
+# Most bytes of token history one host call is sent; more rows go in several calls. jax copies a
+# callback's arguments onto a CPU device, and XLA:CPU hands a copy over 100 KiB to its intra-op
+# thread pool: with as many simulated CPU devices as that pool has threads, every thread can sit in
+# a callback waiting for its own copy, and the rollout hangs (2 devices on 2 cores, 128 rows x 256
+# columns). Copies under the limit are made in the calling thread.
+CALLBACK_BYTES = 64 * 1024
 TRACE_COUNTS: dict[str, int] = {}  # how often the rollout function was traced (tests count compiles)
 
 
@@ -185,13 +191,33 @@ def _tool_state(spec: SampleSpec, tool, s, tok, keep, forced, col, history) -> d
     if tool is not None:
         def call_host(args):
             q, ql, qh = args
-            shapes = (jax.ShapeDtypeStruct(q.shape, jnp.int32), jax.ShapeDtypeStruct(ql.shape, jnp.int32))
-            nq, nql = jax.pure_callback(tool, shapes, history, s.expr_start, col, need, vmap_method="sequential")
+            nq, nql = _host_calls(tool, history, s.expr_start, col, need, q.shape[1])
             return jnp.where(need[:, None], nq, q), jnp.where(need, nql, ql), jnp.where(need, 0, qh)
 
         queue, qlen, qhead = jax.lax.cond(jnp.any(need), call_host, lambda a: a, (queue, qlen, qhead))
     return dict(in_py=jnp.where(starts, True, jnp.where(closes, False, s.in_py)),
                 expr_start=jnp.where(starts, col + 1, s.expr_start), queue=queue, qlen=qlen, qhead=qhead)
+
+
+def _host_calls(tool, history, expr_start, col, need, queue_len):
+    """The calculator's forced tokens (R, queue_len) and their counts (R,) for the rows that `need`
+    a call: one host call if history (R, M) is at most CALLBACK_BYTES, else one per chunk of rows
+    that fits, made only for chunks with a row in need."""
+    R, M = history.shape
+    shapes = lambda c: (jax.ShapeDtypeStruct((c, queue_len), jnp.int32), jax.ShapeDtypeStruct((c,), jnp.int32))  # noqa: E731
+    C = max(1, CALLBACK_BYTES // (history.dtype.itemsize * M))
+    if R <= C:
+        return jax.pure_callback(tool, shapes(R), history, expr_start, col, need, vmap_method="sequential")
+    K = -(-R // C)
+    chunks = lambda a: jnp.pad(a, [(0, K * C - R)] + [(0, 0)] * (a.ndim - 1)).reshape(K, C, *a.shape[1:])  # noqa: E731
+
+    def one(args):
+        return jax.lax.cond(jnp.any(args[3]),
+                            lambda a: jax.pure_callback(tool, shapes(C), *a, vmap_method="sequential"),
+                            lambda a: (jnp.zeros((C, queue_len), jnp.int32), jnp.zeros((C,), jnp.int32)), args)
+
+    nq, nql = jax.lax.map(one, tuple(map(chunks, (history, expr_start, col, need))))
+    return nq.reshape(K * C, queue_len)[:R], nql.reshape(K * C)[:R]
 
 
 def _step(config, spec: SampleSpec, tool, params, row_keys, first_keys, temperature, gen_len, s: _State) -> _State:

@@ -200,14 +200,15 @@ def patch_fake_model(monkeypatch, table):
     return fed
 
 
-@pytest.mark.parametrize("slots", [0, 2])
-def test_tool_state_machine_fake_model(monkeypatch, fresh_traces, slots):
+@pytest.mark.parametrize("slots, rows_per_call", [(0, None), (2, None), (0, 3), (2, 1)])
+def test_tool_state_machine_fake_model(monkeypatch, fresh_traces, slots, rows_per_call):
     """Generation-independent state machine on a fake model whose greedy choices follow a script.
 
     Checks forced tokens (mask 0, fed back to the model), a None result (nothing forced, the
     model's own <|output_start|> is sampled), stray/nested/empty python blocks, both terminals,
-    early exit of the loop, and max_new_tokens counting forced tokens; with 2 slots for 5 rows,
-    that a refilled slot starts its new row with a clean tool state.
+    early exit of the loop, and max_new_tokens counting forced tokens; with 2 slots for 7 rows,
+    that a refilled slot starts its new row with a clean tool state; with `rows_per_call`, that
+    rows sent to the host in chunks (sampler.CALLBACK_BYTES) get the same results.
     """
     tok, sp = tokenizer(), tokenizer().specials
     enc, junk = tok.encode, tok.encode("Z")[0]  # the fake model's choice on forced steps (discarded)
@@ -231,7 +232,16 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces, slots):
     width = max(map(len, table))
     fed = patch_fake_model(monkeypatch, jnp.asarray([r + [sp.assistant_end] * (width - len(r)) for r in table]))
     config, M = gpt.GPTConfig(vocab_size=tok.get_vocab_size()), 3 * width
-    tool = sampler.ToolBridge(tok, functools.partial(use_calculator, generation=config.generation), M + 2)
+    sent = []  # the rows of each host call
+
+    class Recording(sampler.ToolBridge):
+        def __call__(self, tokens, *args):
+            sent.append(np.asarray(tokens).shape[0])
+            return super().__call__(tokens, *args)
+
+    tool = Recording(tok, functools.partial(use_calculator, generation=config.generation), M + 2)
+    if rows_per_call:
+        monkeypatch.setattr(sampler, "CALLBACK_BYTES", rows_per_call * 4 * M)  # int32 history of M columns
     run = functools.partial(sampler.sample, config, {}, num_samples=1, temperature=0.0, tool=tool,
                             specials=tok.specials, slots=slots)
 
@@ -256,6 +266,7 @@ def test_tool_state_machine_fake_model(monkeypatch, fresh_traces, slots):
     else:
         assert len(fed) == width < M  # early exit: the step that emitted the last terminal was the last
     assert tool.calls == 3  # 2*3, 1/0 and 10+5; the stray, the restarted and the empty block call nothing
+    assert set(sent) == {rows_per_call or (slots or len(rows))}  # a chunk of rows, or every row at once
 
     fed.clear()  # max_new_tokens counts forced tokens: stop inside row 0's forced span
     cut = len(expected[0]) - len(enc(" done")) - 1
