@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--measure-ceilings", action="store_true", help="measure peak FLOP/s and bandwidth "
                         "(a large matmul and copy) instead of the device table")
     common.add_argument("--out", help="append the JSON record to this JSONL file")
+    common.add_argument("--cpu-devices", type=int, help="on a CPU host, jax devices (one thread each) the rows are "
+                        "split over (default: sampler one per core, as eval_rl; others jax's 1; XLA_FLAGS' device "
+                        "count is kept when set)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sampler", parents=[common], help="generated and prefill tokens/s, TTFT, tool cost, MBU")
@@ -142,11 +145,16 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={devices}").strip()
+    if args.cpu_devices is not None and (args.bench == "memory" or args.cpu_devices < 1):
+        raise SystemExit(f"--cpu-devices must be >= 1, found {args.cpu_devices}" if args.bench != "memory" else
+                         "memory: the devices are --mesh-data x --mesh-fsdp, not --cpu-devices")
     import jax
 
     from benchmarks import device as bench_device
     from jaxrl import sharding
 
+    if args.cpu_devices or args.bench == "sampler":  # before jax starts a backend
+        sharding.use_cpu_cores(args.cpu_devices)
     device = jax.devices()[0]
     resolve_defaults(args, device.platform != "cpu")
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")

@@ -13,8 +13,8 @@ How one call works (R = prompts × samples rows):
    When only a quarter of the rows are still running (the long tail), those rows are gathered into
    a quarter-size state (each with its own copy of its prompt's keys) and decoded alone.
 3. A row that closes a non-empty python block triggers `jax.pure_callback` under `lax.cond`, so the
-   host is reached only on those steps; it decodes the expression, runs the calculator and returns
-   the tokens to force.
+   host is reached only on those steps (rows sent in chunks of at most CALLBACK_BYTES of history);
+   it decodes the expression, runs the calculator and returns the tokens to force.
 Slots (`slots` per device, `rollout_slots` in the config; when a device has more rows than that):
 instead of steps 1-2, every prompt is prefilled up front (`slots` prompts at a time) and kept;
 `slots` rows decode side by side, each at its own column, with its own copy of its prompt's keys.

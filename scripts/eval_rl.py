@@ -1,7 +1,7 @@
 """pass@k of any policy on a GSM8K-format task, sampled as nanochat's Engine does (calculator on).
 
     python scripts/eval_rl.py --checkpoint PATH [--task gsm8k|arith|<jsonl dir>] [--num-samples 8]
-        [--max-examples N] [--temperature 1.0] [--slots S] [--json OUT]
+        [--max-examples N] [--temperature 1.0] [--slots S] [--cpu-devices D] [--json OUT]
 
 PATH is a jaxrl import, a jaxrl run directory (its latest checkpoint), or anything nanochat writes
 (a base dir, a checkpoint dir, a model_<step>.pt; read through convert/, which needs torch).
@@ -14,7 +14,8 @@ unbiased estimate (Chen et al. 2021) with a 95% interval over questions. `--json
 the task's order, `per_question` = [{index, question, correct (int, of --num-samples), first_correct,
 samples (each sample's outcome)}], the schema of nanochat's Engine reference files plus `samples`,
 so two runs can be paired question by question. Rows (questions x samples, --batch-rows per
-sampler call) decode in --slots rows per device at a time, each slot taking the next row as its
+sampler call) are split over the devices (on a CPU host, one device per core: --cpu-devices) and
+decode in --slots rows per device at a time, each slot taking the next row as its
 row ends; the tokens are the same for any --slots (0: all rows of a call at once). The share of
 decoded row-steps that kept a token goes to stderr and the JSON (`slot_utilization`). Bad values
 and an unwritable --json are refused before anything runs (docs/errors.md lists every check).
@@ -49,6 +50,8 @@ def parse_args(argv=None):
                    "all their prompts are prefilled and kept for the call (memory grows with it)")
     p.add_argument("--slots", type=int, default=None, help="rows each device decodes at once, a finished row's slot "
                    "going to the next (default: per device kind, jaxrl.sampler.SLOTS_PER_DEVICE; 0: all at once)")
+    p.add_argument("--cpu-devices", type=int, default=None, help="on a CPU host, jax devices to split the rows "
+                   "over, one thread each (default: one per core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES sets it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--generation", default=None, choices=GENERATIONS, help="nanochat generation, when it cannot "
                    "be detected")
@@ -68,6 +71,8 @@ def parse_args(argv=None):
     bad += [f"--seed must be in [0, 2**32), found {args.seed}"] * (not 0 <= args.seed < 2**32)
     bad += [f"--difficulty must be 1, 2 or 3, found {args.difficulty}"] * (not 1 <= args.difficulty <= 3)
     bad += [f"--slots must be >= 0 (0: all rows at once), found {args.slots}"] * (args.slots is not None and args.slots < 0)
+    bad += [f"--cpu-devices must be >= 1, found {args.cpu_devices}"] * (args.cpu_devices is not None and
+                                                                       args.cpu_devices < 1)
     if bad:
         p.error("; ".join(bad))
     if args.json:  # checked before the eval, not after it
@@ -88,6 +93,7 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxrl import model, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 
+sharding.use_cpu_cores(args.cpu_devices)  # before jax starts: rows spread over every core of a CPU host
 # ------------------------------------------------------------------------------------------
 # Policy and task
 
@@ -137,7 +143,8 @@ if args.json:
     out = {"checkpoint": str(args.checkpoint), "generation": config.generation, "task": args.task,
            "data_dir": args.data_dir, "split": args.split, "num_examples": n, "num_samples": args.num_samples,
            "temperature": args.temperature, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-           "seed": args.seed, "independent_keys": args.independent_keys, "dtype": args.dtype, **first,
+           "seed": args.seed, "independent_keys": args.independent_keys, "dtype": args.dtype,
+           "devices": len(jax.local_devices()), **first,
            "unbiased": {k: {"mean": m, "lo": lo, "hi": hi} for k, (m, lo, hi) in unbiased.items()},
            "mean_sample_accuracy": float(correct.mean()), "seconds": round(seconds, 1),
            "gen_tokens": gen_tokens, "row_steps": row_steps, "slot_utilization": gen_tokens / max(row_steps, 1),

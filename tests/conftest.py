@@ -1,6 +1,7 @@
 """Shared test setup: 8 simulated CPU devices, strict numerics, paths to ../shared, the tiny model.
 
-Run the quick tier with `pytest -m "not slow and not cli"`; CI runs everything (`pytest`).
+Run the quick tier with `pytest -m "not slow and not cli"`; CI runs everything on up to 4 workers
+(`pytest -n auto --maxprocesses 4`, the README's command), so no test may depend on another's order.
 Golden tests read nanochat's own outputs from ../shared/fixtures (never edited).
 """
 import contextlib

@@ -263,10 +263,11 @@ def test_cli_train_bad_paths(tmp_path):
 def test_cli_eval_bad_arguments(tmp_path):
     """eval_rl's values are checked before jax is imported; an unwritable --json before the eval."""
     write(tmp_path / "f", "a file")
-    cases = [(["--max-new-tokens", "0", "--temperature", "-1", "--seed", str(2**32), "--top-k", "-1", "--slots", "-2"],
+    cases = [(["--max-new-tokens", "0", "--temperature", "-1", "--seed", str(2**32), "--top-k", "-1", "--slots", "-2",
+               "--cpu-devices", "0"],
               ["--max-new-tokens must be >= 1, found 0", "--temperature must be a finite number >= 0 (0 is greedy), "
                "found -1.0", f"--seed must be in [0, 2**32), found {2**32}", "--top-k must be >= 0",
-               "--slots must be >= 0 (0: all rows at once), found -2"]),
+               "--slots must be >= 0 (0: all rows at once), found -2", "--cpu-devices must be >= 1, found 0"]),
              (["--generation", "gen-9"], ["argument --generation: invalid choice: 'gen-9'"]),
              (["--json", tmp_path / "f" / "out.json"], [f"--json's folder '{tmp_path / 'f'}' cannot be created"]),
              (["--json", tmp_path], [f"--json {tmp_path} is a directory; pass a file path such as"])]

@@ -43,11 +43,13 @@ def test_json_agrees_with_its_per_question_counts(tmp_path):
     """The summary figures are the estimators applied to the per-question results the JSON lists:
     pass@1 is the share of questions whose FIRST sample is right, pass@n the share with any right,
     and the unbiased pass@k (with its interval) is recomputed here from the counts with math.comb.
-    The stdout lines print the same figures. The 24 rows decode in 5 refilled slots: the JSON
-    counts the kept tokens and the row-steps decoded (a multiple of 5)."""
+    The stdout lines print the same figures. The 24 rows decode on 3 CPU devices (--cpu-devices
+    overrides the tests' 8) in 5 refilled slots each: the JSON counts the kept tokens and the
+    row-steps decoded (a multiple of 5)."""
     n = 4
     result, stdout = _eval_rl(tmp_path, "--max-examples", "6", "--num-samples", str(n), "--max-new-tokens", "48",
-                              "--independent-keys", "--slots", "5")
+                              "--independent-keys", "--slots", "5", "--cpu-devices", "3")
+    assert result["devices"] == 3
     assert result["row_steps"] % 5 == 0 and 0 < result["gen_tokens"] <= result["row_steps"]
     assert result["slot_utilization"] == pytest.approx(result["gen_tokens"] / result["row_steps"])
     assert result["num_examples"] == 6 and result["num_samples"] == n
