@@ -177,8 +177,8 @@ class RLConfig:
 
     rollout_slots: int | None = _f(None, "Rows each device decodes at once in rollouts and pass@k: when a row "
                                    "ends, the next (question, sample) takes its slot in the same decode step, so no "
-                                   "step waits on the longest row. None = per device kind (128 on CPU, 256 on "
-                                   "GPU/TPU); 0 = all rows at once. Every (question, sample) gets the same tokens "
+                                   "step waits on the longest row. None = per device kind (256 on GPU/TPU; 128 per CPU "
+                                   "host, split over its CPU devices); 0 = all rows at once. Every (question, sample) gets the same tokens "
                                    "whatever the value (docs/benchmarks.md#slot-refill).", check=NON_NEGATIVE)
 
     # ---- jaxrl: devices ----

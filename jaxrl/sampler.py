@@ -52,7 +52,8 @@ PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: few c
 PHASE = decode.GEN_BLOCK  # decode columns per phase: phase j attends to generated slots [0, 64 (j + 1)) only
 COMPACT_DIVISOR = 4  # the loop shrinks to rows // 4 once no more than that many rows are running
 REFILL_DIVISOR = 8  # a step refills at most slots // 8 slots (a fixed-size copy of prompt keys); others wait a step
-SLOTS_PER_DEVICE = {"cpu": 128, "gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}  # see default_slots
+SLOTS_PER_DEVICE = {"gpu": 256, "cuda": 256, "rocm": 256, "tpu": 256}  # see default_slots
+CPU_SLOTS = 128  # a CPU host's slots, split over its CPU devices (they share its cores and memory bandwidth)
 # Most bytes of token history one host call is sent; more rows go in several calls. jax copies a
 # callback's arguments onto a CPU device, and XLA:CPU hands a copy over 100 KiB to its intra-op
 # thread pool: with as many simulated CPU devices as that pool has threads, every thread can sit in
@@ -478,8 +479,13 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
 
 def default_slots(platform: str | None = None) -> int:
     """Slots per device when a caller does not say: SLOTS_PER_DEVICE of the platform (default:
-    jax's default backend), 0 (all rows at once) on an unknown one."""
-    return SLOTS_PER_DEVICE.get(platform or jax.default_backend(), 0)
+    jax's default backend); on a CPU host CPU_SLOTS split over its CPU devices (at least 16: 64
+    each on 2 devices, measured best for a 2-core eval, docs/benchmarks.md); 0 (all rows at once)
+    on an unknown platform."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return max(16, CPU_SLOTS // jax.local_device_count("cpu"))
+    return SLOTS_PER_DEVICE.get(platform, 0)
 
 
 def sample_split(prompts: int, num_samples: int, n_dev: int) -> int:

@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-rows", type=int, default=4096, help="rows (questions x samples) per sampler call: "
                    "all their prompts are prefilled and kept for the call (memory grows with it)")
     p.add_argument("--slots", type=int, default=None, help="rows each device decodes at once, a finished row's slot "
-                   "going to the next (default: per device kind, jaxrl.sampler.SLOTS_PER_DEVICE; 0: all at once)")
+                   "going to the next (default: per device kind, jaxrl.sampler.default_slots: 256 on GPU/TPU, 128 per CPU host split over "
+                   "its devices; 0: all at once)")
     p.add_argument("--cpu-devices", type=int, default=None, help="on a CPU host, jax devices to split the rows "
                    "over, one thread each (default: one per core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES sets it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -533,3 +533,12 @@ def test_bf16_rollouts_of_a_bf16_copy_equal_those_of_the_fp32_masters():
     bf16, _ = run(params=jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
     for field in sampler.Rollout._fields:
         np.testing.assert_array_equal(getattr(bf16, field), getattr(fp32, field), err_msg=field)
+
+
+def test_default_slots_per_device_kind():
+    """A CPU host's 128 slots are split over its CPU devices (8 here: 16 each, the floor); an
+    accelerator has 256 per device; an unknown platform decodes all rows at once."""
+    assert jax.local_device_count("cpu") == 8
+    assert sampler.default_slots("cpu") == max(16, sampler.CPU_SLOTS // 8) == 16
+    assert sampler.default_slots("gpu") == sampler.default_slots("tpu") == 256
+    assert sampler.default_slots("metal") == 0
