@@ -31,6 +31,7 @@ DATA=$JAXRL_SHARED/data/arith
 
 if [ "${DEVICE_CHECK_SMOKE:-0}" = 1 ]; then  # toy sizes: a rehearsal of every step on any machine
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  export JAX_NUM_CPU_DEVICES=${JAX_NUM_CPU_DEVICES:-1}  # one device, as on the GPU (bench.py sampler takes a core each)
   MODEL=(--model d4 --dtype float32 --repeats 1 --prompt-len 16)
   SAMPLER=(--rows 4 --max-new-tokens 8)
   TRAIN=(--rows 8 --seq-len 32)
