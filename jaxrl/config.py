@@ -177,9 +177,10 @@ class RLConfig:
 
     rollout_slots: int | None = _f(None, "Rows each device decodes at once in rollouts and pass@k: when a row "
                                    "ends, the next (question, sample) takes its slot in the same decode step, so no "
-                                   "step waits on the longest row. None = per device kind (256 on GPU/TPU; 128 per CPU "
-                                   "host, split over its CPU devices); 0 = all rows at once. Every (question, sample) gets the same tokens "
-                                   "whatever the value (docs/benchmarks.md#slot-refill).", check=NON_NEGATIVE)
+                                   "step waits on the longest row. None = per device kind (256 on GPU/TPU; 128 per "
+                                   "CPU host, split over its CPU devices); 0 = all rows at once. Every (question, "
+                                   "sample) gets the same tokens whatever the value (docs/benchmarks.md#slot-refill).",
+                                   check=NON_NEGATIVE)
 
     # ---- jaxrl: devices ----
     mesh_data: int = _f(-1, "Data-parallel size of the device mesh: devices (or groups of devices) that "

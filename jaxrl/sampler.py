@@ -89,10 +89,23 @@ class Rollout(NamedTuple):
     length: jax.Array  # (R,) int32; tokens kept (terminal token excluded)
 
 
+def check_host_backend(platforms: str | None = None) -> None:
+    """The calculator runs on the host through jax's CPU backend (`jax.pure_callback` puts its
+    arguments on a CPU device). JAX_PLATFORMS (`platforms`, default jax's setting) that names
+    backends but not `cpu` leaves none, and every rollout with the tool would fail inside the loop:
+    refuse it up front with the fix."""
+    platforms = jax.config.jax_platforms if platforms is None else platforms
+    named = [p.strip() for p in (platforms or "").split(",") if p.strip()]
+    if named and "cpu" not in named:
+        raise ValueError(f"JAX_PLATFORMS={platforms!r} leaves out jax's CPU backend, which the calculator tool runs "
+                         f"on (host callbacks); add it: JAX_PLATFORMS={','.join(named + ['cpu'])}")
+
+
 class ToolBridge:
     """Host side of the calculator seam: token ids in, forced token ids out. Hashed by identity."""
 
     def __init__(self, tokenizer, calculator, queue_len: int):
+        check_host_backend()
         self.tokenizer, self.calculator, self.queue_len = tokenizer, calculator, queue_len
         self.specials = SpecialIds.from_tokenizer(tokenizer)
         self.calls = 0  # expressions evaluated (for the tool-overhead benchmark)

@@ -42,7 +42,7 @@ if [ "${DEVICE_CHECK_SMOKE:-0}" = 1 ]; then  # toy sizes: a rehearsal of every s
   SLOTS=1
   BUDGET=${DEVICE_CHECK_BUDGET:-900}
 else
-  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}  # cuda first (the default backend); cpu runs the calculator
   MODEL=(--model d20)
   SAMPLER=(--rows 8,256)
   TRAIN=()
@@ -81,7 +81,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/devices.log"
 
 step gpu_tests 150 python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
-if [ "$JAX_PLATFORMS" = cuda ] && grep -q "skipped" "$OUT/gpu_tests.log"; then
+if [[ "$JAX_PLATFORMS" == cuda* ]] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "== gpu_tests: a GPU check was skipped on the GPU machine (see the reason above): counted as a failure"
   FAILED=1
 fi
@@ -89,7 +89,7 @@ step sampler 150 python scripts/bench.py sampler "${MODEL[@]}" "${SAMPLER[@]}" -
 step train 90 python scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --profile "$OUT/prof" --out "$JSONL"
 step rl_step 150 python scripts/bench.py rl-step "${MODEL[@]}" "${RLSTEP[@]}" --profile "$OUT/prof" --out "$JSONL"
 step floor 45 python scripts/bench.py floor "${MODEL[@]}" "${FLOOR[@]}" --out "$JSONL"
-if [ "$JAX_PLATFORMS" = cuda ]; then
+if [[ "$JAX_PLATFORMS" == cuda* ]]; then
   step train_cudnn 60 env JAXRL_ATTENTION=cudnn python scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --out "$JSONL"
 fi
 step sampler_arith 90 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${ARITH[@]}" --out "$JSONL"

@@ -15,10 +15,11 @@ the task's order, `per_question` = [{index, question, correct (int, of --num-sam
 samples (each sample's outcome)}], the schema of nanochat's Engine reference files plus `samples`,
 so two runs can be paired question by question. Rows (questions x samples, --batch-rows per
 sampler call) are split over the devices (on a CPU host, one device per core: --cpu-devices) and
-decode in --slots rows per device at a time, each slot taking the next row as its
-row ends; the tokens are the same for any --slots (0: all rows of a call at once). The share of
-decoded row-steps that kept a token goes to stderr and the JSON (`slot_utilization`). Bad values
-and an unwritable --json are refused before anything runs (docs/errors.md lists every check).
+decode in --slots rows per device at a time, each slot taking the next row as its row ends; the
+tokens are the same for any --slots (0: all rows of a call at once) and any device count. The
+share of decoded row-steps that kept a token goes to stderr and the JSON (`slot_utilization`).
+Bad values and an unwritable --json are refused before anything runs (docs/errors.md lists every
+check).
 """
 import argparse
 import json
@@ -49,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-rows", type=int, default=4096, help="rows (questions x samples) per sampler call: "
                    "all their prompts are prefilled and kept for the call (memory grows with it)")
     p.add_argument("--slots", type=int, default=None, help="rows each device decodes at once, a finished row's slot "
-                   "going to the next (default: per device kind, jaxrl.sampler.default_slots: 256 on GPU/TPU, 128 per CPU host split over "
-                   "its devices; 0: all at once)")
+                   "going to the next (default: per device kind, jaxrl.sampler.default_slots: 256 on GPU/TPU, "
+                   "128 per CPU host split over its devices; 0: all at once)")
     p.add_argument("--cpu-devices", type=int, default=None, help="on a CPU host, jax devices to split the rows "
                    "over, one thread each (default: one per core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES sets it)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -95,6 +96,7 @@ from tqdm import tqdm  # noqa: E402
 from jaxrl import model, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 
 sharding.use_cpu_cores(args.cpu_devices)  # before jax starts: rows spread over every core of a CPU host
+
 # ------------------------------------------------------------------------------------------
 # Policy and task
 
@@ -115,7 +117,8 @@ print(f"{config.generation} model, {config.n_layer} layers, vocab {config.vocab_
 # ------------------------------------------------------------------------------------------
 # Sampling: fixed-size chunks (the last one padded with repeats, dropped after), one compile
 
-tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
+with run_state.exit_on_bad_input():  # JAX_PLATFORMS without cpu: no host for the calculator
+    tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
 sampling = rollout.SamplingArgs(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.seed)
 chunk = max(1, min(n, args.batch_rows // args.num_samples))
 order = np.arange(-(-n // chunk) * chunk) % n

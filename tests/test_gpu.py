@@ -1,7 +1,7 @@
 """Correctness checks that need an NVIDIA GPU (marker `gpu`: on any other backend they are reported
 as skipped, never silently passed). scripts/device_check.sh runs them first:
 
-    JAX_PLATFORMS=cuda python -m pytest -q -m gpu tests/test_gpu.py
+    JAX_PLATFORMS=cuda,cpu python -m pytest -q -m gpu tests/test_gpu.py   (cpu: the calculator's host callbacks)
 
 Both read the arith fixture checkpoint (../shared/fixtures/nanochat-sft-arith, or a `shared/` copy
 inside the repo on a machine without ../shared: see docs/benchmarks.md "GPU") through convert/,

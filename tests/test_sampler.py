@@ -542,3 +542,14 @@ def test_default_slots_per_device_kind():
     assert sampler.default_slots("cpu") == max(16, sampler.CPU_SLOTS // 8) == 16
     assert sampler.default_slots("gpu") == sampler.default_slots("tpu") == 256
     assert sampler.default_slots("metal") == 0
+
+
+def test_the_calculator_needs_jax_cpu_backend():
+    """JAX_PLATFORMS that names backends without cpu leaves the calculator's host callbacks no CPU
+    device: a ToolBridge is refused with the fix, not a failure inside the first rollout."""
+    for ok in ["", None, "cpu", "cuda,cpu", "tpu, cpu"]:
+        sampler.check_host_backend(ok)
+    with pytest.raises(ValueError, match=r"JAX_PLATFORMS='cuda' leaves out jax's CPU backend.*JAX_PLATFORMS=cuda,cpu"):
+        sampler.check_host_backend("cuda")
+    with pytest.raises(ValueError, match=r"JAX_PLATFORMS=tpu,cuda,cpu$"):
+        sampler.check_host_backend("tpu,cuda")
