@@ -81,6 +81,10 @@ class CheckpointManager:
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
         try:
             self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+            # orbax deletes unfinished (killed) saves in a background thread and waits for it only at
+            # the first save: wait now, so they are gone once the manager is open, and a process that
+            # exits soon after (a bad input) does not kill that thread mid-flight (a traceback at exit)
+            getattr(self._mgr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         except OSError as e:
             raise RunStateError(f"cannot open checkpoint directory {self.directory}: {e}; "
                                 "choose a writable out_dir") from e
