@@ -145,9 +145,10 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={devices}").strip()
-    if args.cpu_devices is not None and (args.bench == "memory" or args.cpu_devices < 1):
-        raise SystemExit(f"--cpu-devices must be >= 1, found {args.cpu_devices}" if args.bench != "memory" else
-                         "memory: the devices are --mesh-data x --mesh-fsdp, not --cpu-devices")
+    if args.cpu_devices is not None and args.bench == "memory":
+        raise SystemExit("memory: the devices are --mesh-data x --mesh-fsdp, not --cpu-devices")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise SystemExit(f"--cpu-devices must be >= 1, found {args.cpu_devices}")
     import jax
 
     from benchmarks import device as bench_device

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any
 
 import jax
@@ -279,8 +280,6 @@ def use_cpu_cores(count: int | None = None) -> int:
     unless the device count is already chosen (XLA_FLAGS' --xla_force_host_platform_device_count or
     JAX_NUM_CPU_DEVICES), which is left as it is. Only the CPU backend is affected (an accelerator
     host keeps its devices). Returns the count set, 0 when nothing was changed."""
-    import os
-
     if count is None:
         if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
                 "JAX_NUM_CPU_DEVICES" in os.environ:
