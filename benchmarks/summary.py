@@ -21,7 +21,8 @@ def rows_of(rec: dict) -> list[dict]:
     """The table rows of one bench record."""
     b = rec["bench"]
     if b == "sampler":
-        return [{"bench": b, "shape": f"{r['prompts']}x{r['num_samples']} rows, {rec['max_new_tokens']} new",
+        return [{"bench": b, "shape": f"{r['prompts']}x{r['num_samples']} rows, {rec['max_new_tokens']} new"
+                 + (f", {r['slots']} slots" if r.get("slots") else ""),
                  "tokens/s": r["gen_tokens_per_s"], "seconds": r["call_s"], "util": r["mbu"], "util_of": "MBU",
                  "compile_s": r["compile_s"]} for r in (rec.get("sweep") or [rec])]
     if b == "floor":
@@ -29,7 +30,7 @@ def rows_of(rec: dict) -> list[dict]:
                  "seconds": r["floor_step_s"], "util": r["mbu"], "util_of": "MBU", "compile_s": None}
                 for r in (rec.get("sweep") or [rec])]
     if b == "train":
-        return [{"bench": b, "shape": f"{rec['rows']} rows x {rec['shapes'].get('seq_len', '')}",
+        return [{"bench": b, "shape": f"{rec['rows']} rows x {rec.get('seq_len', '')}",
                  "tokens/s": rec["step_tokens_per_s"], "seconds": rec["train_step_s"], "util": rec["step_mfu"],
                  "util_of": "MFU", "compile_s": rec.get("compile_s")}]
     if b == "rl-step":

@@ -35,11 +35,13 @@ def test_every_step_runs_and_lands_in_the_table(tmp_path):
     assert [r["bench"] for r in records] == ["sampler", "train", "rl-step", "floor", "sampler", "sampler", "sampler"]
     slots, all_rows = records[-2:]  # 2 prompts x 2 samples: in 1 slot, then all 4 rows at once
     assert slots["row_steps"] == slots["decode_steps"] and all_rows["row_steps"] == 4 * all_rows["decode_steps"]
+    assert (slots["slots"], all_rows["slots"]) == (1, 0)
     assert all(r.get("profile") for r in records[:3]), "sampler, train and rl-step ran with --profile"
     summary = json.loads(proc.stdout.strip().splitlines()[-2])  # the last line is the script's own
     assert [r["bench"] for r in summary["rows"]] == [r["bench"] for r in records]
     assert summary["failed_steps"] == [] and summary["commit"]
     assert all(r["tokens/s"] > 0 and r["seconds"] > 0 for r in summary["rows"])
+    assert summary["rows"][1]["shape"] == "8 rows x 32" and summary["rows"][-2]["shape"].endswith(", 1 slots")
 
 
 def test_a_spent_budget_is_reported_not_silent(tmp_path):

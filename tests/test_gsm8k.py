@@ -135,6 +135,17 @@ def test_missing_local_source_names_path_and_both_ways(tmp_path):
     assert "openai/gsm8k" in message and "test.jsonl" in message and "data_dir" in message
 
 
+def test_local_rows_without_datasets_installed(tmp_path, monkeypatch, capsys):
+    """An image without datasets (a lent accelerator machine, say) still reads a local folder."""
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+    _write_jsonl(tmp_path / "test.jsonl", [json.dumps(row) for row in rows])
+    with_datasets = [GSM8K("test", data_dir=tmp_path)[i] for i in range(3)]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    task = GSM8K("test", data_dir=tmp_path)
+    assert "datasets is not installed" in capsys.readouterr().out
+    assert [task[i] for i in range(3)] == with_datasets
+
+
 def test_unreachable_hub_names_both_ways(monkeypatch):
     import datasets
 
