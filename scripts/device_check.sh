@@ -13,7 +13,8 @@
 #      eval's shape (128 questions x 8 samples) decoded in 256 refilled slots and all at once
 # Output: OUT_DIR/device_check.jsonl (one bench record per line), OUT_DIR/steps.jsonl (rc and seconds
 # of each step), a log per step, profiles under OUT_DIR/prof/, and one summary table on stdout.
-# Needs jaxrl's dependencies and torch (the fixture is a .pt checkpoint); no network. Fixtures come
+# Needs jax, flax, optax, orbax, tiktoken and torch (the fixture is a .pt checkpoint); datasets,
+# tensorboardX and rustbpe may be missing; no network, no install: jaxrl runs from the tree. Fixtures come
 # from $JAXRL_SHARED, else ../shared, else a shared/ copy inside the repo (docs/benchmarks.md, "GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ if [ -z "${JAXRL_SHARED:-}" ]; then
   if [ -d ../shared/fixtures ]; then JAXRL_SHARED=../shared; else JAXRL_SHARED=shared; fi
 fi
 export JAXRL_SHARED PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# $PYTHON, else python (an activated venv), else python3 (a GPU image may have no plain `python`)
+PY=${PYTHON:-$(command -v python || command -v python3)}
 CK=$JAXRL_SHARED/fixtures/nanochat-sft-arith
 DATA=$JAXRL_SHARED/data/arith
 
@@ -76,26 +79,26 @@ step() {
   ((rc == 0)) || FAILED=1
 }
 
-python -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/devices.log"
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/devices.log"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/devices.log"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/devices.log"
 
-step gpu_tests 150 python -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
+step gpu_tests 150 "$PY" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
 if [[ "$JAX_PLATFORMS" == cuda* ]] && grep -q "skipped" "$OUT/gpu_tests.log"; then
   echo "== gpu_tests: a GPU check was skipped on the GPU machine (see the reason above): counted as a failure"
   FAILED=1
 fi
-step sampler 150 python scripts/bench.py sampler "${MODEL[@]}" "${SAMPLER[@]}" --profile "$OUT/prof" --out "$JSONL"
-step train 90 python scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --profile "$OUT/prof" --out "$JSONL"
-step rl_step 150 python scripts/bench.py rl-step "${MODEL[@]}" "${RLSTEP[@]}" --profile "$OUT/prof" --out "$JSONL"
-step floor 45 python scripts/bench.py floor "${MODEL[@]}" "${FLOOR[@]}" --out "$JSONL"
+step sampler 150 "$PY" scripts/bench.py sampler "${MODEL[@]}" "${SAMPLER[@]}" --profile "$OUT/prof" --out "$JSONL"
+step train 90 "$PY" scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --profile "$OUT/prof" --out "$JSONL"
+step rl_step 150 "$PY" scripts/bench.py rl-step "${MODEL[@]}" "${RLSTEP[@]}" --profile "$OUT/prof" --out "$JSONL"
+step floor 45 "$PY" scripts/bench.py floor "${MODEL[@]}" "${FLOOR[@]}" --out "$JSONL"
 if [[ "$JAX_PLATFORMS" == cuda* ]]; then
-  step train_cudnn 60 env JAXRL_ATTENTION=cudnn python scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --out "$JSONL"
+  step train_cudnn 60 env JAXRL_ATTENTION=cudnn "$PY" scripts/bench.py train "${MODEL[@]}" "${TRAIN[@]}" --out "$JSONL"
 fi
-step sampler_arith 90 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${ARITH[@]}" --out "$JSONL"
-step eval_slots 60 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots "$SLOTS" --out "$JSONL"
-step eval_all_rows 60 python scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots 0 --out "$JSONL"
+step sampler_arith 90 "$PY" scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${ARITH[@]}" --out "$JSONL"
+step eval_slots 60 "$PY" scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots "$SLOTS" --out "$JSONL"
+step eval_all_rows 60 "$PY" scripts/bench.py sampler --checkpoint "$CK" --data-dir "$DATA" "${EVAL[@]}" --slots 0 --out "$JSONL"
 
-python -m benchmarks.summary "$JSONL" "$OUT/steps.jsonl"
+"$PY" -m benchmarks.summary "$JSONL" "$OUT/steps.jsonl"
 echo "device check: $((SECONDS - START)) s; records in $JSONL"
 exit $FAILED

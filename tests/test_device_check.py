@@ -2,10 +2,14 @@
 script a short GPU loan depends on is known to run end to end before a GPU is ever lent:
 
     python -m pytest -q tests/test_device_check.py
+
+The rehearsal runs as on the lent GPU image: packages that image lacks (datasets, tensorboardX,
+rustbpe) cannot be imported, and the script finds its interpreter itself (PYTHON names this one).
 """
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO, SHARED
@@ -15,9 +19,17 @@ pytestmark = [pytest.mark.cli]
 SCRIPT = REPO / "scripts" / "device_check.sh"
 
 
+MISSING_ON_GPU_IMAGE = ("datasets", "tensorboardX", "rustbpe")
+
+
 def run_check(out, **env):
+    hidden = out / "hidden-packages"  # importing any of them raises ImportError, as there
+    for name in MISSING_ON_GPU_IMAGE:
+        (hidden / name).mkdir(parents=True, exist_ok=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU image')\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXRL_"))}
-    environ.update(DEVICE_CHECK_SMOKE="1", JAXRL_SHARED=str(SHARED), **env)
+    environ.update(DEVICE_CHECK_SMOKE="1", JAXRL_SHARED=str(SHARED), PYTHON=sys.executable,
+                   PYTHONPATH=str(hidden), **env)
     return subprocess.run(["bash", str(SCRIPT), str(out)], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=900)
 
@@ -30,6 +42,7 @@ def test_every_step_runs_and_lands_in_the_table(tmp_path):
     assert [s["step"] for s in steps] == ["gpu_tests", "sampler", "train", "rl_step", "floor", "sampler_arith",
                                           "eval_slots", "eval_all_rows"]
     assert all(s["rc"] == 0 for s in steps), steps
+    assert "datasets is not installed" in (tmp_path / "sampler_arith.log").read_text()  # the fixture's task still loads
     assert "2 skipped" in (tmp_path / "gpu_tests.log").read_text()  # on a CPU: reported, not passed
     records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
     assert [r["bench"] for r in records] == ["sampler", "train", "rl-step", "floor", "sampler", "sampler", "sampler"]
