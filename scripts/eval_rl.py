@@ -95,6 +95,8 @@ from tqdm import tqdm  # noqa: E402
 
 from jaxrl import model, rollout, run_state, sampler, sharding, tasks  # noqa: E402
 
+with run_state.exit_on_bad_input():  # JAX_PLATFORMS without cpu: no host for the calculator (before jax starts)
+    sampler.check_host_backend()
 sharding.use_cpu_cores(args.cpu_devices)  # before jax starts: rows spread over every core of a CPU host
 
 # ------------------------------------------------------------------------------------------
@@ -117,8 +119,7 @@ print(f"{config.generation} model, {config.n_layer} layers, vocab {config.vocab_
 # ------------------------------------------------------------------------------------------
 # Sampling: fixed-size chunks (the last one padded with repeats, dropped after), one compile
 
-with run_state.exit_on_bad_input():  # JAX_PLATFORMS without cpu: no host for the calculator
-    tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
+tool = sampler.tool_for(tokenizer, args.max_new_tokens + 2, config.generation)
 sampling = rollout.SamplingArgs(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.seed)
 chunk = max(1, min(n, args.batch_rows // args.num_samples))
 order = np.arange(-(-n // chunk) * chunk) % n

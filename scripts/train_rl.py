@@ -43,6 +43,8 @@ from jaxrl.run_state import CheckpointManager, RunStateError, check_resume_compa
 # ------------------------------------------------------------------------------------------
 # Runtime: processes, devices, run directory
 
+with run_state.exit_on_bad_input():  # JAX_PLATFORMS without cpu: no host for the calculator (before jax starts)
+    sampler.check_host_backend()
 distributed.initialize(cfg)
 with run_state.exit_on_bad_input():
     mesh = sharding.make_mesh(data=cfg.mesh_data, fsdp=cfg.mesh_fsdp)  # training: rows over all, params over fsdp
@@ -96,8 +98,7 @@ if cfg.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
 print0(f"model: {model_config.generation}, {model_config.n_layer} layers, d_model {model_config.n_embd}, "
        f"vocab {model_config.vocab_size}; train {len(train_task)} / test {len(test_task)} questions; {num_steps} steps")
 specials = tokenizer.specials
-with run_state.exit_on_bad_input():  # JAX_PLATFORMS without cpu: no host for the calculator
-    tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)
+tool = sampler.tool_for(tokenizer, cfg.max_new_tokens + 2, model_config.generation)
 
 # ------------------------------------------------------------------------------------------
 # Optimizer, state, resume

@@ -423,8 +423,8 @@ def test_sampler_request_out_of_bounds():
 # Command line (scripts/train_rl.py, scripts/eval_rl.py)
 
 
-def run_script(name, *args, cwd=REPO, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+def run_script(name, *args, cwd=REPO, timeout=300, platforms="cpu"):
+    env = dict(os.environ, JAX_PLATFORMS=platforms, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -280,6 +280,21 @@ def test_cli_eval_bad_arguments(tmp_path):
 
 
 @pytest.mark.cli
+def test_cli_scripts_refuse_jax_platforms_without_cpu(tmp_path):
+    """JAX_PLATFORMS=cuda would leave the calculator no CPU device: train_rl and eval_rl say so and
+    exit before jax starts a backend (here, with no GPU, jax itself would fail with a traceback)
+    and before anything is written."""
+    fix = "JAX_PLATFORMS='cuda' leaves out jax's CPU backend, which the calculator tool runs on (host callbacks); " \
+          "add it: JAX_PLATFORMS=cuda,cpu"
+    for proc in (base.run_script("train_rl.py", *base.tiny_args(tmp_path), platforms="cuda"),
+                 base.run_script("eval_rl.py", "--checkpoint", ARITH, "--json", tmp_path / "eval.json",
+                                 platforms="cuda")):
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"error: {fix}" in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.cli
 def test_cli_train_data_errors(tmp_path):
     """Data is read before the model: an empty train.jsonl, a data_dir that is a file."""
     data = tmp_path / "data"
