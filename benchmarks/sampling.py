@@ -97,10 +97,8 @@ def run_one(ctx, args, P: int, S: int, ceil: dict) -> dict:
     out.update(tool_figures(call, tool_stats, type(tool.bridge).__name__ if tool else "none", steps, decode_s,
                             prefill_s, args.repeats))
     rows_step = stats["row_steps"] / steps  # rows decoded per step (fewer with slots or compaction)
-    slots = sampler.default_slots() if args.slots is None else args.slots
-    refilled = 0 < slots < P * S // len(ctx.mesh.devices.flat)
-    out["slots"] = slots if refilled else 0  # per device; 0: every row decoded from the start
-    prompt_reads = rows_step if refilled else P  # a slot reads its own
+    out["slots"] = stats["slots"]  # per device, as decoded; 0: every row decoded from the start
+    prompt_reads = rows_step if out["slots"] else P  # a slot reads its own
     bytes_step = bench_device.decode_bytes_per_step(ctx.config, prompt_reads, rows_step, out["prompt_len_mean"],
                                                     (steps + 1) / 2)
     achieved = steps * bytes_step / decode_s

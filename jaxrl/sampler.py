@@ -473,17 +473,19 @@ def sample(config, params, prompts, *, num_samples, max_new_tokens, temperature=
     slot to the next row in the same step. Otherwise all rows decode together and, with `compact`,
     once at most 1/COMPACT_DIVISOR of a device's rows are still running, the rest of the loop
     decodes only those. Both give the same tokens. `stats`, if given, receives `decode_steps` (the
-    most of any device), `row_steps` (decode steps x rows decoded in each, summed over devices) and
-    `slot_utilization` (kept tokens / row_steps).
+    most of any device), `row_steps` (decode steps x rows decoded in each, summed over devices),
+    `slot_utilization` (kept tokens / row_steps) and `slots` (per device, as decoded: 0 when all
+    rows decoded together).
     Returns (Rollout as numpy, prompt lengths (P,)).
     """
-    fn, inputs = rollout_call(config, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials,
-                              step=step, example_ids=example_ids, mesh=mesh, compact=compact, slots=slots)
+    spec, inputs = _plan(config, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials, step=step,
+                         example_ids=example_ids, mesh=mesh, compact=compact, slots=slots)
     rows = len(prompts) * num_samples
-    out, steps = fn(params, *inputs)
+    out, steps = _compiled(config, spec, tool, mesh)(params, *inputs)
     out = Rollout(*jax.tree.map(lambda a: np.asarray(a)[:rows], out))
     if stats is not None:
+        stats["slots"] = spec.slots
         steps = np.asarray(steps, np.int64).reshape(-1, 2)
         stats["decode_steps"], stats["row_steps"] = int(steps[:, 0].max()), int(steps[:, 1].sum())
         stats["slot_utilization"] = float(out.length.sum()) / max(stats["row_steps"], 1)
@@ -518,6 +520,16 @@ def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.
     `fn(params, *inputs)` is the call; `fn.lower(params, *inputs)` (params may be abstract,
     jax.ShapeDtypeStruct) compiles it without running, for memory and compile-time measurements.
     """
+    spec, inputs = _plan(config, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, tool=tool, specials=specials, step=step,
+                         example_ids=example_ids, mesh=mesh, compact=compact, slots=slots)
+    return _compiled(config, spec, tool, mesh), inputs
+
+
+def _plan(config, prompts, *, num_samples, max_new_tokens, temperature, top_k, seed, tool, specials: SpecialIds,
+          step, example_ids, mesh, compact: bool, slots: int | None):
+    """The rollout's static SampleSpec (slots as decoded: 0 when a device has no more rows than
+    that) and its inputs after params."""
     check_request(config, prompts, num_samples, max_new_tokens, temperature)
     P = len(prompts)
     example_ids = list(range(P)) if example_ids is None else list(example_ids)
@@ -542,8 +554,7 @@ def rollout_call(config, prompts, *, num_samples, max_new_tokens, temperature=1.
                       local_rows // COMPACT_DIVISOR if compact and local_rows >= 2 * COMPACT_DIVISOR else 0,
                       slots)
     live = np.arange(P_pad) < P * split  # dummy prompts (padding the last device) are not decoded
-    return _compiled(config, spec, tool, mesh), (ids, pad, row_ids, live, jnp.uint32(seed),
-                                                 jnp.float32(max(temperature, 1e-6)))
+    return spec, (ids, pad, row_ids, live, jnp.uint32(seed), jnp.float32(max(temperature, 1e-6)))
 
 
 def assemble(prompts, rollout: Rollout, num_samples):

@@ -424,9 +424,10 @@ def test_refilled_slots_keep_every_token():
     for slots in (int(rng.integers(3, 12)) | 1, int(rng.integers(17, 40))):
         got, stats = run(slots=slots)
         assert_same_rollouts(got, full, f"slots={slots}, M={M}")
-        assert stats["row_steps"] == stats["decode_steps"] * slots
+        assert stats["row_steps"] == stats["decode_steps"] * slots and stats["slots"] == slots
         assert stats["slot_utilization"] == pytest.approx(got.length.sum() / stats["row_steps"])
     assert full_stats["row_steps"] >= full.length.max() * len(full.length) // sampler.COMPACT_DIVISOR
+    assert full_stats["slots"] == 0
 
 
 def test_refilled_slots_on_eight_devices_equal_one_device():
