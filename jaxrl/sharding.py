@@ -271,7 +271,7 @@ def constrain_tree(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh))
 
 
-def use_cpu_cores(count: int | None = None) -> int:
+def use_cpu_cores(count: int | None = None) -> None:
     """Make each core of this CPU host its own jax device (call before jax starts a backend).
 
     XLA:CPU runs a small decode step (16 rows) on about one core; with a CPU device per core the
@@ -279,11 +279,11 @@ def use_cpu_cores(count: int | None = None) -> int:
     each device runs its share on its own thread. `count` None: the cores this process may run on,
     unless the device count is already chosen (XLA_FLAGS' --xla_force_host_platform_device_count or
     JAX_NUM_CPU_DEVICES), which is left as it is. Only the CPU backend is affected (an accelerator
-    host keeps its devices). Returns the count set, 0 when nothing was changed."""
+    host keeps its devices)."""
     if count is None:
         if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
                 "JAX_NUM_CPU_DEVICES" in os.environ:
-            return 0
+            return
         count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"CPU devices must be >= 1, found {count}")
@@ -291,4 +291,3 @@ def use_cpu_cores(count: int | None = None) -> int:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:  # a backend is already up: too late to change its device count
         raise RuntimeError(f"cannot make {count} CPU devices: {e}") from None
-    return count
